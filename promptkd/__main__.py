@@ -1,0 +1,7 @@
+"""Entry point for `python -m promptkd`."""
+
+import sys
+
+from promptkd.cli import main
+
+sys.exit(main())

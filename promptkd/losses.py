@@ -1,0 +1,378 @@
+"""Distillation losses as small pure functions.
+
+Every student strategy has one signature::
+
+    strategy(student_logits, teacher_logits, mask, ctx) -> LossOutput
+
+with logits of shape (..., V), a mask of the same leading shape (1 on response tokens, 0 elsewhere) and
+a `StepContext` holding the step and the strategy settings. Strategies are looked up by exact name in
+`STRATEGIES`; names joined by '+' compose (filter the teacher, then blend, then weight tokens).
+All KL terms are computed in float32 whatever the dtype of the logits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from promptkd.config import ConfigError
+
+# A teacher row whose kept set has less probability mass than this (under the full softmax) counts as
+# degenerate and falls back to the temperature-scaled full distribution.
+MIN_KEPT_MASS = 1e-8
+# Reverse KL needs log(target) where filtering set target probabilities to 0, so they are floored here.
+REVERSE_KL_FLOOR = 1e-12
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """Training progress and strategy settings that a loss may read."""
+
+    step: int = 0
+    total_steps: int = 1
+    alpha: float = 0.7
+    alpha_start: float = 0.9
+    alpha_end: float = 0.5
+    top_k: int = 200
+    top_p: float = 0.9
+    fallback_temperature: float = 2.0
+    kl_direction: str = "forward"
+
+    @classmethod
+    def from_config(cls, config, step: int, total_steps: int) -> "StepContext":
+        return cls(
+            step=step,
+            total_steps=total_steps,
+            alpha=config.alpha,
+            alpha_start=config.alpha_start,
+            alpha_end=config.alpha_end,
+            top_k=config.top_k,
+            top_p=config.top_p,
+            fallback_temperature=config.fallback_temperature,
+            kl_direction=config.kl_direction,
+        )
+
+
+@dataclass
+class LossOutput:
+    """A scalar loss, scalar statistics for logging and detached per-token values for inspection."""
+
+    loss: torch.Tensor
+    stats: dict
+    per_token: dict
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """The parts a composed strategy applies: teacher filter, target blend and token weighting."""
+
+    filter: Optional[str] = None  # "top_k_top_p"
+    blend: Optional[str] = None  # "soft" or "dynamic"
+    weighting: Optional[str] = None  # "entropy"
+
+    def merge(self, other: "Strategy", names: str) -> "Strategy":
+        merged = {}
+        for part in ("filter", "blend", "weighting"):
+            mine, theirs = getattr(self, part), getattr(other, part)
+            if mine and theirs and mine != theirs:
+                raise ConfigError(
+                    f"strategy={names!r} is invalid: it combines two {part} rules ({mine} and {theirs}); keep one."
+                )
+            merged[part] = mine or theirs
+        return Strategy(**merged)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Building blocks, all over flattened tokens: logits (N, V), probabilities (N, V), per-token values (N,).
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of `values` over positions where mask is 1; 0 (not NaN) when nothing is unmasked."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def safe_log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """log_softmax in float32 that turns NaN logits into -inf and all -inf rows into a uniform row."""
+    logits = logits.float().nan_to_num(nan=float("-inf"), posinf=torch.finfo(torch.float32).max, neginf=float("-inf"))
+    dead_rows = ~torch.isfinite(logits).any(dim=-1, keepdim=True)
+    logits = torch.where(dead_rows, torch.zeros_like(logits), logits)
+    return F.log_softmax(logits, dim=-1)
+
+
+def entropy(log_probs: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats of each row of log-probabilities (N, V) -> (N,); 0 * log 0 counts as 0."""
+    probs = log_probs.exp()
+    return -torch.where(probs > 0, probs * log_probs, torch.zeros_like(probs)).sum(dim=-1)
+
+
+def entropy_weights(teacher_log_probs: torch.Tensor) -> torch.Tensor:
+    """w_t = 1 - H(p_T,t) / log|V|: 1 for a one-hot teacher, 0 for a uniform one. (N, V) -> (N,)."""
+    vocab_size = teacher_log_probs.shape[-1]
+    return (1.0 - entropy(teacher_log_probs) / math.log(vocab_size)).clamp(0.0, 1.0)
+
+
+def filter_top_k_top_p(
+    teacher_logits: torch.Tensor, top_k: int, top_p: float, fallback_temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keep the teacher's top-k tokens, then the smallest top-p set of those, and renormalise.
+
+    Args:
+        teacher_logits: (N, V) logits; NaN and -inf entries are never kept.
+        top_k: tokens kept by the first cut; 0 keeps the whole vocabulary.
+        top_p: cumulative probability (of the top-k renormalised distribution) the kept set must reach.
+        fallback_temperature: rows whose kept set is empty or holds less than MIN_KEPT_MASS of the full
+            softmax use softmax(logits / fallback_temperature) over the full vocabulary instead.
+
+    Returns:
+        probs (N, V) float32 summing to 1 per row, kept_size (N,) long, fallback (N,) bool.
+    """
+    logits = teacher_logits.float().nan_to_num(nan=float("-inf"), posinf=torch.finfo(torch.float32).max, neginf=float("-inf"))
+    vocab_size = logits.shape[-1]
+    full_log_probs = safe_log_softmax(logits)
+
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # (N, V)
+    keep_sorted = torch.isfinite(sorted_logits)
+    if 0 < top_k < vocab_size:
+        keep_sorted[:, top_k:] = False
+
+    # Top-p on the renormalised top-k distribution: keep a token while the mass before it is < top_p,
+    # so the most likely kept token always stays.
+    cut_logits = sorted_logits.masked_fill(~keep_sorted, float("-inf"))
+    cut_probs = safe_log_softmax(cut_logits).exp()
+    mass_before = cut_probs.cumsum(dim=-1) - cut_probs
+    keep_sorted &= mass_before < top_p
+
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)  # back to vocabulary order
+    kept_size = keep.sum(dim=-1)
+    kept_mass = (full_log_probs.exp() * keep).sum(dim=-1)
+    fallback = (kept_size == 0) | (kept_mass < MIN_KEPT_MASS) | ~torch.isfinite(logits).any(dim=-1)
+
+    filtered = safe_log_softmax(logits.masked_fill(~keep, float("-inf"))).exp()
+    fallback_probs = safe_log_softmax(logits / fallback_temperature).exp()
+    probs = torch.where(fallback.unsqueeze(-1), fallback_probs, filtered)
+    kept_size = torch.where(fallback, torch.full_like(kept_size, vocab_size), kept_size)
+    return probs, kept_size, fallback
+
+
+def dynamic_alpha(ctx: StepContext) -> float:
+    """alpha = max(alpha_end, alpha_start - (alpha_start - alpha_end) * step / total_steps)."""
+    progress = ctx.step / max(ctx.total_steps, 1)
+    return max(ctx.alpha_end, ctx.alpha_start - (ctx.alpha_start - ctx.alpha_end) * progress)
+
+
+def token_kl(target_probs: torch.Tensor, student_log_probs: torch.Tensor, direction: str) -> torch.Tensor:
+    """Per-token KL between a target distribution and the student. (N, V) -> (N,).
+
+    forward: KL(target || student) = sum target * (log target - log q).
+    reverse: KL(student || target) = sum q * (log q - log target), target floored at REVERSE_KL_FLOOR.
+    """
+    if direction == "forward":
+        target_log = torch.where(target_probs > 0, target_probs.log(), torch.zeros_like(target_probs))
+        terms = torch.where(target_probs > 0, target_probs * (target_log - student_log_probs), torch.zeros_like(target_probs))
+        return terms.sum(dim=-1)
+    if direction == "reverse":
+        student_probs = student_log_probs.exp()
+        target_log = target_probs.clamp_min(REVERSE_KL_FLOOR).log()
+        return (student_probs * (student_log_probs - target_log)).sum(dim=-1)
+    raise ConfigError(f"kl_direction={direction!r} is invalid: choose forward or reverse.")
+
+
+def _flatten(student_logits, teacher_logits, mask):
+    vocab_size = student_logits.shape[-1]
+    if teacher_logits.shape[-1] != vocab_size:
+        raise ValueError(
+            f"Student logits have {vocab_size} classes but teacher logits have {teacher_logits.shape[-1]}: "
+            "teacher and student must share a vocabulary."
+        )
+    return (
+        student_logits.reshape(-1, vocab_size),  # (N, V)
+        teacher_logits.reshape(-1, vocab_size),  # (N, V)
+        mask.reshape(-1).float(),  # (N,)
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# The strategy loss and the named strategies.
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor,
+    ctx: StepContext,
+    strategy: Strategy = Strategy(),
+) -> LossOutput:
+    """Distillation loss of the student toward the (filtered, blended) teacher, weighted per token.
+
+    Args:
+        student_logits: (..., V) student logits; gradients flow through them.
+        teacher_logits: (..., V) teacher logits; detached here.
+        mask: (...) 1 on tokens that count, 0 elsewhere.
+        ctx: step and settings.
+        strategy: which filter, blend and weighting to apply.
+
+    Returns:
+        LossOutput with loss = sum_t w_t * KL_t * mask_t / sum_t mask_t.
+    """
+    student_logits, teacher_logits, mask = _flatten(student_logits, teacher_logits.detach(), mask)
+    student_log_probs = safe_log_softmax(student_logits)  # (N, V) float32
+    teacher_log_probs = safe_log_softmax(teacher_logits)  # (N, V) float32
+    num_tokens = student_logits.shape[0]
+
+    if strategy.filter:
+        target, kept_size, fallback = filter_top_k_top_p(teacher_logits, ctx.top_k, ctx.top_p, ctx.fallback_temperature)
+    else:
+        target = teacher_log_probs.exp()
+        kept_size = torch.full((num_tokens,), student_logits.shape[-1], dtype=torch.long)
+        fallback = torch.zeros(num_tokens, dtype=torch.bool)
+
+    alpha = 1.0
+    if strategy.blend == "soft":
+        alpha = ctx.alpha
+    elif strategy.blend == "dynamic":
+        alpha = dynamic_alpha(ctx)
+    if strategy.blend:
+        target = alpha * target + (1.0 - alpha) * student_log_probs.detach().exp()
+
+    kl = token_kl(target, student_log_probs, ctx.kl_direction)  # (N,)
+    teacher_entropy = entropy(teacher_log_probs)  # (N,)
+    if strategy.weighting == "entropy":
+        weights = entropy_weights(teacher_log_probs)
+    else:
+        weights = torch.ones_like(kl)
+
+    loss = masked_mean(weights * kl, mask)
+    stats = {
+        "kl": masked_mean(kl, mask).item(),
+        "teacher_entropy": masked_mean(teacher_entropy, mask).item(),
+        "mean_weight": masked_mean(weights, mask).item(),
+        "alpha": float(alpha),
+        "kept_size": masked_mean(kept_size.float(), mask).item(),
+        "fallbacks": int((fallback & (mask > 0)).sum().item()),
+        "tokens": int(mask.sum().item()),
+    }
+    per_token = {
+        "kl": kl.detach(),
+        "teacher_entropy": teacher_entropy.detach(),
+        "weight": weights.detach(),
+        "kept_size": kept_size,
+        "fallback": fallback,
+    }
+    return LossOutput(loss=loss, stats=stats, per_token=per_token)
+
+
+def baseline(student_logits, teacher_logits, mask, ctx: StepContext) -> LossOutput:
+    """KL(p_T || q_S) per response token, averaged over tokens."""
+    return kd_loss(student_logits, teacher_logits, mask, ctx, STRATEGY_PARTS["baseline"])
+
+
+def entropy_weighted(student_logits, teacher_logits, mask, ctx: StepContext) -> LossOutput:
+    """Per-token KL times w_t = 1 - H(p_T,t) / log|V|, so confident teacher tokens count more."""
+    return kd_loss(student_logits, teacher_logits, mask, ctx, STRATEGY_PARTS["entropy_weighted"])
+
+
+def soft_blend(student_logits, teacher_logits, mask, ctx: StepContext) -> LossOutput:
+    """KL toward alpha * p_T + (1 - alpha) * p_S, with p_S detached and alpha = ctx.alpha."""
+    return kd_loss(student_logits, teacher_logits, mask, ctx, STRATEGY_PARTS["soft_blend"])
+
+
+def dynamic_blend(student_logits, teacher_logits, mask, ctx: StepContext) -> LossOutput:
+    """soft_blend with alpha = max(alpha_end, alpha_start - (alpha_start - alpha_end) * step / total)."""
+    return kd_loss(student_logits, teacher_logits, mask, ctx, STRATEGY_PARTS["dynamic_blend"])
+
+
+def ta_filter(student_logits, teacher_logits, mask, ctx: StepContext) -> LossOutput:
+    """KL toward the teacher restricted to its top-k then top-p tokens and renormalised."""
+    return kd_loss(student_logits, teacher_logits, mask, ctx, STRATEGY_PARTS["ta_filter"])
+
+
+STRATEGY_PARTS: dict[str, Strategy] = {
+    "baseline": Strategy(),
+    "entropy_weighted": Strategy(weighting="entropy"),
+    "soft_blend": Strategy(blend="soft"),
+    "dynamic_blend": Strategy(blend="dynamic"),
+    "ta_filter": Strategy(filter="top_k_top_p"),
+}
+
+StrategyFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, StepContext], LossOutput]
+
+STRATEGIES: dict[str, StrategyFn] = {
+    "baseline": baseline,
+    "entropy_weighted": entropy_weighted,
+    "soft_blend": soft_blend,
+    "dynamic_blend": dynamic_blend,
+    "ta_filter": ta_filter,
+}
+
+
+def parse_strategy(spec: str) -> Strategy:
+    """Merge the parts of a '+'-joined strategy spec, matching each name exactly."""
+    names = [name.strip() for name in spec.split("+")]
+    if not spec or any(not name for name in names):
+        raise ConfigError(f"strategy={spec!r} is invalid: name one of {', '.join(STRATEGIES)} or join several with '+'.")
+    merged = Strategy()
+    for name in names:
+        if name not in STRATEGY_PARTS:
+            raise ConfigError(f"Unknown strategy {name!r} in {spec!r}: choose from {', '.join(STRATEGIES)}.")
+        merged = merged.merge(STRATEGY_PARTS[name], spec)
+    return merged
+
+
+def get_strategy(spec: str) -> StrategyFn:
+    """Return the loss function for a strategy name or a '+'-joined composition."""
+    if spec in STRATEGIES:
+        return STRATEGIES[spec]
+    merged = parse_strategy(spec)
+
+    def composed(student_logits, teacher_logits, mask, ctx: StepContext) -> LossOutput:
+        return kd_loss(student_logits, teacher_logits, mask, ctx, merged)
+
+    composed.__name__ = spec
+    return composed
+
+
+# ---------------------------------------------------------------------------------------------------
+# Soft prompt losses.
+
+
+def regularizer_weight(step: int, total_steps: int) -> float:
+    """Weight of the pull toward the unprompted teacher: 1 at step 0, falling linearly to 0 at the end."""
+    return max(0.0, 1.0 - step / max(total_steps, 1))
+
+
+def prompt_loss(
+    prompted_teacher_logits: torch.Tensor,
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor,
+    reg_weight: float,
+) -> LossOutput:
+    """Soft prompt objective KL(p_T^P || p_S) + reg_weight * KL(p_T^P || p_T^0), averaged over tokens.
+
+    Args:
+        prompted_teacher_logits: (..., V) teacher logits with the soft prompt; gradients flow to the prompt.
+        student_logits: (..., V) student logits, detached here.
+        teacher_logits: (..., V) unprompted teacher logits, detached here.
+        mask: (...) 1 on response tokens.
+        reg_weight: weight of the regulariser toward the unprompted teacher.
+    """
+    prompted, student, mask = _flatten(prompted_teacher_logits, student_logits.detach(), mask)
+    teacher = teacher_logits.detach().reshape(prompted.shape)
+    prompted_log_probs = safe_log_softmax(prompted)
+    prompted_probs = prompted_log_probs.exp()
+
+    def kl_from_prompted(other_logits: torch.Tensor) -> torch.Tensor:
+        other_log_probs = safe_log_softmax(other_logits)
+        terms = torch.where(prompted_probs > 0, prompted_probs * (prompted_log_probs - other_log_probs), torch.zeros_like(prompted_probs))
+        return terms.sum(dim=-1)  # (N,)
+
+    kl_student = masked_mean(kl_from_prompted(student), mask)
+    kl_teacher = masked_mean(kl_from_prompted(teacher), mask)
+    loss = kl_student + reg_weight * kl_teacher
+    stats = {"prompt_kl_student": kl_student.item(), "prompt_kl_teacher": kl_teacher.item(), "reg_weight": reg_weight}
+    return LossOutput(loss=loss, stats=stats, per_token={})

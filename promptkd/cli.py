@@ -173,27 +173,31 @@ def cmd_pipeline(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m promptkd", description="Prompt-based, uncertainty-aware knowledge distillation.")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="Logging level.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="Logging level.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    prepare = sub.add_parser("prepare", help="Convert or build preset models once (e.g. the offline SmolLM2 teacher).")
+    def add_command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, parents=[common])
+
+    prepare = add_command("prepare", "Convert or build preset models once (e.g. the offline SmolLM2 teacher).")
     prepare.add_argument("presets", nargs="*", default=["smollm2-135m-instruct"], help="Presets to prepare (default: smollm2-135m-instruct).")
     prepare.add_argument("--list", action="store_true", help="List the presets and exit.")
     prepare.set_defaults(func=cmd_prepare)
 
-    sft_parser = sub.add_parser("sft", help="Supervised fine-tuning on Dolly responses.")
+    sft_parser = add_command("sft", "Supervised fine-tuning on Dolly responses.")
     add_config_arguments(sft_parser, SFTConfig)
     sft_parser.set_defaults(func=cmd_sft)
 
-    distill_parser = sub.add_parser("distill", help="PromptKD distillation with a chosen strategy.")
+    distill_parser = add_command("distill", "PromptKD distillation with a chosen strategy.")
     add_config_arguments(distill_parser, DistillConfig)
     distill_parser.set_defaults(func=cmd_distill)
 
-    eval_parser = sub.add_parser("evaluate", help="Greedy evaluation with EM, ROUGE-L and BERTScore.")
+    eval_parser = add_command("evaluate", "Greedy evaluation with EM, ROUGE-L and BERTScore.")
     add_config_arguments(eval_parser, EvalConfig)
     eval_parser.set_defaults(func=cmd_evaluate)
 
-    inspect = sub.add_parser("inspect", help="Per-token teacher entropy and top-k/top-p kept sets for a prompt and response.")
+    inspect = add_command("inspect", "Per-token teacher entropy and top-k/top-p kept sets for a prompt and response.")
     add_config_arguments(inspect, DistillConfig)
     inspect.add_argument("--split", default="test", choices=["train", "validation", "test"], help="Split to pick the record from.")
     inspect.add_argument("--index", type=int, help="Original Dolly index of the record (default: the first of the split).")
@@ -206,14 +210,14 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="Print the report as JSON.")
     inspect.set_defaults(func=cmd_inspect)
 
-    runs = sub.add_parser("runs", help="List run folders with their state.")
+    runs = add_command("runs", "List run folders with their state.")
     runs.add_argument("--root", help="Runs folder (default: $PROMPTKD_HOME/runs).")
     runs.add_argument("--json", action="store_true", help="Print JSON.")
     runs.set_defaults(func=cmd_runs)
 
     from promptkd.pipeline import PipelineConfig
 
-    pipeline = sub.add_parser("pipeline", help="The offline demo: prepare, SFT the student, distil with each strategy, evaluate all.")
+    pipeline = add_command("pipeline", "The offline demo: prepare, SFT the student, distil with each strategy, evaluate all.")
     add_config_arguments(pipeline, PipelineConfig)
     pipeline.set_defaults(func=cmd_pipeline)
     return parser

@@ -135,8 +135,8 @@ class DistillConfig(TrainConfig):
     max_grad_norm: float = _field(0.5, "Gradient clipping norm for the student and the soft prompt (0 disables).")
     strategy: str = _field(
         "baseline",
-        "Student loss: baseline, entropy_weighted, soft_blend, dynamic_blend, ta_filter, or several joined "
-        "by '+' (e.g. 'ta_filter+soft_blend+entropy_weighted').",
+        "Student loss: baseline, entropy_weighted, soft_blend, dynamic_blend, ta_filter, calibrated_entropy, "
+        "entropy_gated_blend, scheduled_filter, or several joined by '+' (e.g. 'ta_filter+soft_blend+entropy_weighted').",
     )
     kl_direction: str = _field("forward", "'forward' KL(target || student) or 'reverse' KL(student || target).")
     kl_scale: float = _field(0.5, "Multiplier on the student's distillation loss.")
@@ -148,6 +148,13 @@ class DistillConfig(TrainConfig):
     fallback_temperature: float = _field(
         2.0, "ta_filter: temperature of the full-vocabulary teacher softmax used where the kept set degenerates."
     )
+    entropy_gamma: float = _field(1.0, "calibrated_entropy: sharpness exponent gamma of the weights w_t^gamma.")
+    gated_alpha_min: float = _field(0.5, "entropy_gated_blend: alpha where the teacher is uniform.")
+    gated_alpha_max: float = _field(0.9, "entropy_gated_blend: alpha where the teacher is one-hot.")
+    scheduled_top_k_start: int = _field(0, "scheduled_filter: top-k at step 0 (0: no top-k cut).")
+    scheduled_top_k_end: int = _field(200, "scheduled_filter: top-k at the last step (0: no top-k cut).")
+    scheduled_top_p_start: float = _field(1.0, "scheduled_filter: top-p at step 0.")
+    scheduled_top_p_end: float = _field(0.9, "scheduled_filter: top-p at the last step.")
     prompt_tuning: bool = _field(True, "Update the teacher's soft prompt each step (off: plain on-policy KD).")
     soft_prompt_length: int = _field(7, "Number of soft prompt vectors prepended to the teacher input.")
     soft_prompt_init: str = _field(
@@ -167,10 +174,22 @@ class DistillConfig(TrainConfig):
 
         parse_strategy(self.strategy)
         _check_choice("kl_direction", self.kl_direction, ("forward", "reverse"))
-        for name in ("alpha", "alpha_start", "alpha_end"):
+        for name in ("alpha", "alpha_start", "alpha_end", "gated_alpha_min", "gated_alpha_max"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{name}={value} is invalid: use a value in [0, 1].")
+        if self.gated_alpha_min > self.gated_alpha_max:
+            raise ConfigError(
+                f"gated_alpha_min={self.gated_alpha_min} is above gated_alpha_max={self.gated_alpha_max}: swap them."
+            )
+        if self.entropy_gamma <= 0:
+            raise ConfigError(f"entropy_gamma={self.entropy_gamma} is invalid: use a positive exponent.")
+        for name in ("scheduled_top_k_start", "scheduled_top_k_end"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)} is invalid: use 0 (no top-k cut) or a positive count.")
+        for name in ("scheduled_top_p_start", "scheduled_top_p_end"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ConfigError(f"{name}={getattr(self, name)} is invalid: use a value in (0, 1].")
         if self.top_k < 0:
             raise ConfigError(f"top_k={self.top_k} is invalid: use 0 (no top-k cut) or a positive count.")
         if not 0.0 < self.top_p <= 1.0:

@@ -63,16 +63,23 @@ def evaluate_model(
 
     references = [r.response for r in records]
     started = time.perf_counter()
-    scores = score_predictions(predictions, references, bertscore_model=config.bertscore_model, num_layers=config.bertscore_num_layers)
+    scores = score_predictions(
+        predictions, references, bertscore_model=config.bertscore_model, bertscore_num_layers=config.bertscore_num_layers
+    )
     scoring_s = time.perf_counter() - started
+    per_example = scores["per_example"]
     summary = {
-        "em": scores["em"],
+        "em": scores["exact_match"],
         "rouge_l": scores["rouge_l"],
-        "bertscore": scores["bertscore"],
+        "bertscore": scores["bertscore_f1"],
         "bertscore_model": scores["bertscore_model"],
         "generation_s": generation_s,
         "scoring_s": scoring_s,
-        "per_example": {key: scores[key + "_per_example"] for key in ("em", "rouge_l", "bertscore") if scores.get(key + "_per_example") is not None},
+        "per_example": {
+            "em": per_example["exact_match"],
+            "rouge_l": per_example["rouge_l"],
+            "bertscore": per_example["bertscore_f1"],
+        },
     }
     return summary, predictions
 
@@ -122,7 +129,7 @@ def evaluate(config: EvalConfig) -> Run:
             results["models"].append({"label": label, "spec": spec, **summary})
             for i, (record, prediction) in enumerate(zip(records, predictions)):
                 row = {"model": label, "index": record.index, "prediction": prediction, "reference": record.response}
-                row.update({key: values[i] for key, values in per_example.items()})
+                row.update({key: values[i] for key, values in per_example.items() if values is not None})
                 prediction_lines.append(row)
             run.log_metrics({"step": step, "model": label, **summary})
             run.set_status(step=step, total_steps=len(entries))

@@ -10,7 +10,10 @@ import torch
 from promptkd import data as dolly
 from promptkd.losses import (
     StepContext,
+    calibrated_entropy_weights,
     dynamic_alpha,
+    gated_alpha,
+    scheduled_top_k_top_p,
     entropy,
     entropy_weights,
     filter_top_k_top_p,
@@ -62,18 +65,23 @@ def token_report(
     vocab_size = teacher_log_probs.shape[-1]
     token_entropy = entropy(teacher_log_probs)
     weights = entropy_weights(teacher_log_probs)
-    kept_probs, kept_size, fallback = filter_top_k_top_p(
-        teacher_log_probs, ctx.top_k, ctx.top_p, ctx.fallback_temperature
-    )
+    strategy = parse_strategy(getattr(config, "strategy", "baseline"))
+    top_k, top_p = ctx.top_k, ctx.top_p
+    if strategy.filter == "scheduled":
+        top_k, top_p = scheduled_top_k_top_p(ctx, vocab_size)
+    kept_probs, kept_size, fallback = filter_top_k_top_p(teacher_log_probs, top_k, top_p, ctx.fallback_temperature)
     targets = torch.tensor(response_ids, device=teacher_log_probs.device)
     teacher_token_prob = teacher_log_probs.exp().gather(1, targets[:, None])[:, 0]
 
-    strategy = parse_strategy(getattr(config, "strategy", "baseline"))
-    alpha = 1.0
+    alpha = [1.0] * len(response_ids)
     if strategy.blend == "soft":
-        alpha = ctx.alpha
+        alpha = [ctx.alpha] * len(response_ids)
     elif strategy.blend == "dynamic":
-        alpha = dynamic_alpha(ctx)
+        alpha = [dynamic_alpha(ctx)] * len(response_ids)
+    elif strategy.blend == "entropy_gated":
+        alpha = gated_alpha(teacher_log_probs, ctx).tolist()
+    if strategy.weighting == "calibrated_entropy":
+        weights = calibrated_entropy_weights(teacher_log_probs, torch.ones(len(response_ids)), ctx.entropy_gamma)
 
     student_token_prob = None
     if student is not None:
@@ -106,15 +114,16 @@ def token_report(
         "student_prob": student_token_prob,
         "alpha": alpha,
         "vocab_size": vocab_size,
-        "top_k": ctx.top_k,
-        "top_p": ctx.top_p,
+        "top_k": top_k,
+        "top_p": top_p,
     }
 
 
 def format_report(report: dict) -> str:
     """A fixed-width text table of a token report, for the CLI."""
     lines = [
-        f"Teacher top-k={report['top_k']} top-p={report['top_p']}, |V|={report['vocab_size']}, alpha={report['alpha']:.3f}",
+        f"Teacher top-k={report['top_k']} top-p={report['top_p']:.3f}, |V|={report['vocab_size']}, "
+        f"mean alpha={sum(report['alpha']) / max(len(report['alpha']), 1):.3f}",
         f"{'#':>3} {'token':<16} {'H':>6} {'H/logV':>7} {'w':>6} {'kept':>6} {'fb':>3} {'p_T':>7} {'p_S':>7}  kept set (top)",
     ]
     for i, token in enumerate(report["tokens"]):

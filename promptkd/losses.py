@@ -41,6 +41,13 @@ class StepContext:
     top_p: float = 0.9
     fallback_temperature: float = 2.0
     kl_direction: str = "forward"
+    entropy_gamma: float = 1.0
+    gated_alpha_min: float = 0.5
+    gated_alpha_max: float = 0.9
+    scheduled_top_k_start: int = 0
+    scheduled_top_k_end: int = 200
+    scheduled_top_p_start: float = 1.0
+    scheduled_top_p_end: float = 0.9
 
     @classmethod
     def from_config(cls, config, step: int, total_steps: int) -> "StepContext":
@@ -54,6 +61,13 @@ class StepContext:
             top_p=config.top_p,
             fallback_temperature=config.fallback_temperature,
             kl_direction=config.kl_direction,
+            entropy_gamma=config.entropy_gamma,
+            gated_alpha_min=config.gated_alpha_min,
+            gated_alpha_max=config.gated_alpha_max,
+            scheduled_top_k_start=config.scheduled_top_k_start,
+            scheduled_top_k_end=config.scheduled_top_k_end,
+            scheduled_top_p_start=config.scheduled_top_p_start,
+            scheduled_top_p_end=config.scheduled_top_p_end,
         )
 
 
@@ -70,9 +84,9 @@ class LossOutput:
 class Strategy:
     """The parts a composed strategy applies: teacher filter, target blend and token weighting."""
 
-    filter: Optional[str] = None  # "top_k_top_p"
-    blend: Optional[str] = None  # "soft" or "dynamic"
-    weighting: Optional[str] = None  # "entropy"
+    filter: Optional[str] = None  # "top_k_top_p" or "scheduled"
+    blend: Optional[str] = None  # "soft", "dynamic" or "entropy_gated"
+    weighting: Optional[str] = None  # "entropy" or "calibrated_entropy"
 
     def merge(self, other: "Strategy", names: str) -> "Strategy":
         merged = {}
@@ -165,6 +179,37 @@ def dynamic_alpha(ctx: StepContext) -> float:
     return max(ctx.alpha_end, ctx.alpha_start - (ctx.alpha_start - ctx.alpha_end) * progress)
 
 
+def scheduled_top_k_top_p(ctx: StepContext, vocab_size: int) -> tuple[int, float]:
+    """Top-k and top-p moved linearly from their start to their end values over training.
+
+    A top-k of 0 means no cut and counts as the whole vocabulary while interpolating.
+    """
+    progress = min(max(ctx.step / max(ctx.total_steps, 1), 0.0), 1.0)
+    k_start = ctx.scheduled_top_k_start or vocab_size
+    k_end = ctx.scheduled_top_k_end or vocab_size
+    top_k = int(round(k_start + (k_end - k_start) * progress))
+    top_p = ctx.scheduled_top_p_start + (ctx.scheduled_top_p_end - ctx.scheduled_top_p_start) * progress
+    return (0 if top_k >= vocab_size else top_k), top_p
+
+
+def gated_alpha(teacher_log_probs: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+    """Per-token alpha_t = alpha_min + (alpha_max - alpha_min) * (1 - H(p_T,t) / log|V|). (N, V) -> (N,)."""
+    confidence = entropy_weights(teacher_log_probs)
+    return ctx.gated_alpha_min + (ctx.gated_alpha_max - ctx.gated_alpha_min) * confidence
+
+
+def calibrated_entropy_weights(teacher_log_probs: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Entropy weights raised to `gamma` and rescaled to mean 1 over the unmasked tokens. (N, V) -> (N,).
+
+    Where every unmasked weight is 0 (a uniform teacher everywhere), all weights are 1.
+    """
+    weights = entropy_weights(teacher_log_probs) ** gamma
+    mean = masked_mean(weights, mask)
+    if mean <= 0:
+        return torch.ones_like(weights)
+    return weights / mean
+
+
 def token_kl(target_probs: torch.Tensor, student_log_probs: torch.Tensor, direction: str) -> torch.Tensor:
     """Per-token KL between a target distribution and the student. (N, V) -> (N,).
 
@@ -225,24 +270,32 @@ def kd_loss(
     num_tokens = student_logits.shape[0]
 
     if strategy.filter:
-        target, kept_size, fallback = filter_top_k_top_p(teacher_logits, ctx.top_k, ctx.top_p, ctx.fallback_temperature)
+        top_k, top_p = ctx.top_k, ctx.top_p
+        if strategy.filter == "scheduled":
+            top_k, top_p = scheduled_top_k_top_p(ctx, student_logits.shape[-1])
+        target, kept_size, fallback = filter_top_k_top_p(teacher_logits, top_k, top_p, ctx.fallback_temperature)
     else:
         target = teacher_log_probs.exp()
         kept_size = torch.full((num_tokens,), student_logits.shape[-1], dtype=torch.long)
         fallback = torch.zeros(num_tokens, dtype=torch.bool)
 
-    alpha = 1.0
+    alpha = torch.ones(num_tokens)  # (N,)
     if strategy.blend == "soft":
-        alpha = ctx.alpha
+        alpha = torch.full((num_tokens,), ctx.alpha)
     elif strategy.blend == "dynamic":
-        alpha = dynamic_alpha(ctx)
+        alpha = torch.full((num_tokens,), dynamic_alpha(ctx))
+    elif strategy.blend == "entropy_gated":
+        alpha = gated_alpha(teacher_log_probs, ctx)
+    alpha = alpha.to(target.device)
     if strategy.blend:
-        target = alpha * target + (1.0 - alpha) * student_log_probs.detach().exp()
+        target = alpha[:, None] * target + (1.0 - alpha[:, None]) * student_log_probs.detach().exp()
 
     kl = token_kl(target, student_log_probs, ctx.kl_direction)  # (N,)
     teacher_entropy = entropy(teacher_log_probs)  # (N,)
     if strategy.weighting == "entropy":
         weights = entropy_weights(teacher_log_probs)
+    elif strategy.weighting == "calibrated_entropy":
+        weights = calibrated_entropy_weights(teacher_log_probs, mask, ctx.entropy_gamma)
     else:
         weights = torch.ones_like(kl)
 
@@ -251,7 +304,7 @@ def kd_loss(
         "kl": masked_mean(kl, mask).item(),
         "teacher_entropy": masked_mean(teacher_entropy, mask).item(),
         "mean_weight": masked_mean(weights, mask).item(),
-        "alpha": float(alpha),
+        "alpha": masked_mean(alpha, mask).item() if mask.sum() > 0 else alpha.mean().item(),
         "kept_size": masked_mean(kept_size.float(), mask).item(),
         "fallbacks": int((fallback & (mask > 0)).sum().item()),
         "tokens": int(mask.sum().item()),
@@ -260,6 +313,7 @@ def kd_loss(
         "kl": kl.detach(),
         "teacher_entropy": teacher_entropy.detach(),
         "weight": weights.detach(),
+        "alpha": alpha.detach(),
         "kept_size": kept_size,
         "fallback": fallback,
     }
@@ -291,12 +345,30 @@ def ta_filter(student_logits, teacher_logits, mask, ctx: StepContext) -> LossOut
     return kd_loss(student_logits, teacher_logits, mask, ctx, STRATEGY_PARTS["ta_filter"])
 
 
+def calibrated_entropy(student_logits, teacher_logits, mask, ctx: StepContext) -> LossOutput:
+    """Entropy weights w_t^gamma rescaled to mean 1 over the batch's response tokens."""
+    return kd_loss(student_logits, teacher_logits, mask, ctx, STRATEGY_PARTS["calibrated_entropy"])
+
+
+def entropy_gated_blend(student_logits, teacher_logits, mask, ctx: StepContext) -> LossOutput:
+    """Blend with a per-token alpha_t that trusts the teacher more where it is confident."""
+    return kd_loss(student_logits, teacher_logits, mask, ctx, STRATEGY_PARTS["entropy_gated_blend"])
+
+
+def scheduled_filter(student_logits, teacher_logits, mask, ctx: StepContext) -> LossOutput:
+    """ta_filter whose top-k and top-p move linearly from their start to their end values."""
+    return kd_loss(student_logits, teacher_logits, mask, ctx, STRATEGY_PARTS["scheduled_filter"])
+
+
 STRATEGY_PARTS: dict[str, Strategy] = {
     "baseline": Strategy(),
     "entropy_weighted": Strategy(weighting="entropy"),
     "soft_blend": Strategy(blend="soft"),
     "dynamic_blend": Strategy(blend="dynamic"),
     "ta_filter": Strategy(filter="top_k_top_p"),
+    "calibrated_entropy": Strategy(weighting="calibrated_entropy"),
+    "entropy_gated_blend": Strategy(blend="entropy_gated"),
+    "scheduled_filter": Strategy(filter="scheduled"),
 }
 
 StrategyFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, StepContext], LossOutput]
@@ -307,6 +379,9 @@ STRATEGIES: dict[str, StrategyFn] = {
     "soft_blend": soft_blend,
     "dynamic_blend": dynamic_blend,
     "ta_filter": ta_filter,
+    "calibrated_entropy": calibrated_entropy,
+    "entropy_gated_blend": entropy_gated_blend,
+    "scheduled_filter": scheduled_filter,
 }
 
 

@@ -264,3 +264,77 @@ def test_get_strategy_returns_registry_functions():
 def test_vocab_mismatch_raises():
     with pytest.raises(ValueError, match="share a vocabulary"):
         baseline(torch.zeros(2, 5), torch.zeros(2, 4), torch.ones(2), StepContext())
+
+
+# -- adaptive strategies -----------------------------------------------------------------------------
+
+
+def test_calibrated_entropy_weights_have_mean_one():
+    teacher, student, mask = tensors()
+    gamma = 2.0
+    raw = [(1 - entropy(softmax(t)) / math.log(4)) ** gamma for t in TEACHER[:2]]
+    mean = sum(raw) / 2
+    kls = [kl(softmax(t), softmax(s)) for t, s in zip(TEACHER[:2], STUDENT[:2])]
+    expected = sum(w / mean * k for w, k in zip(raw, kls)) / 2
+    output = get_strategy("calibrated_entropy")(student, teacher, mask, StepContext(entropy_gamma=gamma))
+    assert output.loss.item() == pytest.approx(expected, rel=1e-5)
+    assert output.stats["mean_weight"] == pytest.approx(1.0, rel=1e-6)
+
+
+def test_calibrated_entropy_of_uniform_teacher_falls_back_to_ones():
+    teacher = torch.ones(2, 4)
+    student = torch.tensor([[2.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]])
+    output = get_strategy("calibrated_entropy")(student, teacher, torch.ones(2), StepContext())
+    expected = sum(kl([0.25] * 4, softmax(s)) for s in student.tolist()) / 2
+    assert output.loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_entropy_gated_blend_matches_hand():
+    teacher, student, mask = tensors()
+    ctx = StepContext(gated_alpha_min=0.4, gated_alpha_max=0.8)
+    total, alphas = 0.0, []
+    for t, s in zip(TEACHER[:2], STUDENT[:2]):
+        p, q = softmax(t), softmax(s)
+        alpha = 0.4 + 0.4 * (1 - entropy(p) / math.log(4))
+        alphas.append(alpha)
+        total += kl([alpha * pi + (1 - alpha) * qi for pi, qi in zip(p, q)], q)
+    output = get_strategy("entropy_gated_blend")(student, teacher, mask, ctx)
+    assert output.loss.item() == pytest.approx(total / 2, rel=1e-5)
+    assert output.stats["alpha"] == pytest.approx(sum(alphas) / 2, rel=1e-5)
+    assert output.per_token["alpha"][:2].tolist() == pytest.approx(alphas, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "step, expected_k, expected_p",
+    [(0, 0, 1.0), (50, 2, 0.8), (100, 1, 0.6)],
+)
+def test_scheduled_filter_moves_top_k_and_top_p(step, expected_k, expected_p):
+    from promptkd.losses import scheduled_top_k_top_p
+
+    ctx = StepContext(step=step, total_steps=100, scheduled_top_k_start=0, scheduled_top_k_end=1,
+                      scheduled_top_p_start=1.0, scheduled_top_p_end=0.6)
+    # Over a 4-token vocabulary, a start of 0 (no cut) counts as 4: halfway is round(2.5) = 2.
+    top_k, top_p = scheduled_top_k_top_p(ctx, vocab_size=4)
+    assert top_k == expected_k
+    assert top_p == pytest.approx(expected_p)
+
+
+def test_scheduled_filter_equals_ta_filter_at_end_values():
+    teacher, student, mask = tensors()
+    ctx = StepContext(step=10, total_steps=10, scheduled_top_k_start=0, scheduled_top_k_end=2,
+                      scheduled_top_p_start=1.0, scheduled_top_p_end=0.9)
+    scheduled = get_strategy("scheduled_filter")(student, teacher, mask, ctx).loss
+    fixed = ta_filter(student, teacher, mask, StepContext(top_k=2, top_p=0.9)).loss
+    assert scheduled.item() == pytest.approx(fixed.item(), rel=1e-6)
+    start = get_strategy("scheduled_filter")(student, teacher, mask, StepContext(step=0, total_steps=10)).loss
+    assert start.item() == pytest.approx(baseline(student, teacher, mask, StepContext()).loss.item(), rel=1e-6)
+
+
+def test_adaptive_strategies_compose_and_conflict():
+    teacher, student, mask = tensors()
+    output = get_strategy("scheduled_filter+entropy_gated_blend+calibrated_entropy")(student, teacher, mask, StepContext(step=5, total_steps=10))
+    assert torch.isfinite(output.loss)
+    with pytest.raises(ConfigError, match="two filter rules"):
+        parse_strategy("ta_filter+scheduled_filter")
+    with pytest.raises(ConfigError, match="two weighting rules"):
+        parse_strategy("entropy_weighted+calibrated_entropy")

@@ -1,4 +1,4 @@
-"""Command line: python -m promptkd {prepare,sft,distill,evaluate,inspect,runs,pipeline}."""
+"""Command line: python -m promptkd {prepare,sft,distill,evaluate,inspect,runs,pipeline,report}."""
 
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def _quote(text: str) -> str:
 
 
 def cmd_prepare(args) -> int:
-    from promptkd.models import PRESETS, preset_folder
+    from promptkd.models import GPT2_HUB_IDS, PRESETS, load_model, load_tokenizer, preset_folder
 
     if args.list:
         for name, description in PRESETS.items():
@@ -76,8 +76,13 @@ def cmd_prepare(args) -> int:
     for name in args.presets:
         if name not in PRESETS:
             raise ConfigError(f"Unknown preset {name!r}: choose from {', '.join(PRESETS)}.")
-        folder = preset_folder(name)
-        print(f"{name}: {folder}")
+        if name in GPT2_HUB_IDS:
+            # Hub presets are downloaded into the Hugging Face cache once.
+            load_tokenizer(name)
+            load_model(name)
+            print(f"{name}: cached from the hub ({GPT2_HUB_IDS[name]})")
+        else:
+            print(f"{name}: {preset_folder(name)}")
     return 0
 
 
@@ -171,6 +176,16 @@ def cmd_pipeline(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from promptkd.report import make_report
+
+    _, markdown = make_report(args.eval_runs, args.baseline, num_resamples=args.resamples, seed=args.seed, out=args.out)
+    print(markdown)
+    if args.out:
+        print(f"Report: {args.out} and {Path(args.out).with_suffix('.json')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m promptkd", description="Prompt-based, uncertainty-aware knowledge distillation.")
     common = argparse.ArgumentParser(add_help=False)
@@ -220,6 +235,14 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline = add_command("pipeline", "The offline demo: prepare, SFT the student, distil with each strategy, evaluate all.")
     add_config_arguments(pipeline, PipelineConfig)
     pipeline.set_defaults(func=cmd_pipeline)
+
+    report = add_command("report", "Mean ± std over evaluation runs (one per seed) and paired bootstrap tests against a baseline.")
+    report.add_argument("--eval-runs", nargs="+", required=True, help="Evaluation run folders or run names under $PROMPTKD_HOME/runs, one per seed.")
+    report.add_argument("--baseline", required=True, help="Label of the method the others are compared with (as in results.md, e.g. 'SFT student').")
+    report.add_argument("--resamples", type=int, default=1000, help="Bootstrap resamples (default: 1000).")
+    report.add_argument("--seed", type=int, default=0, help="Seed of the bootstrap resampling (default: 0).")
+    report.add_argument("--out", help="Markdown file to write; the JSON report goes next to it with the suffix .json.")
+    report.set_defaults(func=cmd_report)
     return parser
 
 
@@ -229,7 +252,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     setup_logging(getattr(logging, args.log_level))
     try:
         return args.func(args)
-    except (ConfigError, RunError, FileNotFoundError, ValueError) as error:
+    except (ConfigError, RunError, OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,0 +1,174 @@
+"""Batched generation with left padding and a KV cache: greedy decoding for evaluation, sampling for pseudo-targets."""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+from tqdm.auto import tqdm
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+
+def generation_config(
+    tokenizer: PreTrainedTokenizerBase,
+    max_new_tokens: int,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+) -> GenerationConfig:
+    """Build a GenerationConfig that sets every decoding option used here, so a model's own defaults do not apply.
+
+    `top_k=0` and `top_p=1.0` sample from the full vocabulary. Fields left as None (for example min_p or
+    suppress_tokens) are still filled from `model.generation_config` by `model.generate`.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} is invalid: use 1 or more tokens.")
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature} is invalid: use a positive value (greedy decoding: do_sample=False).")
+    if top_k < 0:
+        raise ValueError(f"top_k={top_k} is invalid: use 0 (full vocabulary) or a positive count.")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p={top_p} is invalid: use a value in (0, 1].")
+    if tokenizer.eos_token_id is None or tokenizer.pad_token_id is None:
+        raise ValueError(f"{type(tokenizer).__name__} has no EOS or pad token: pass it through prepare_tokenizer first.")
+
+    sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p} if do_sample else {}
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=0,
+        do_sample=do_sample,
+        num_beams=1,
+        num_return_sequences=1,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        use_cache=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        **sampling,
+    )
+
+
+def _max_positions(model: PreTrainedModel) -> Optional[int]:
+    config = model.config
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _check_prompts(model: PreTrainedModel, prompts: list[list[int]], max_new_tokens: int) -> None:
+    limit = _max_positions(model)
+    for i, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise ValueError(f"Prompt {i} is empty: every prompt needs at least one token.")
+        if limit is not None and len(prompt) + max_new_tokens > limit:
+            raise ValueError(
+                f"Prompt {i} has {len(prompt)} tokens, and with max_new_tokens={max_new_tokens} it exceeds the "
+                f"model's {limit} positions: truncate the prompt or lower max_new_tokens."
+            )
+
+
+def _left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros((len(prompts), length), dtype=torch.long)  # (B, T)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, length - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        attention_mask[row, length - len(prompt) :] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def _cut_at_eos(ids: list[int], eos_id: int, include_eos: bool) -> list[int]:
+    if eos_id in ids:
+        end = ids.index(eos_id)
+        return ids[: end + 1] if include_eos else ids[:end]
+    return ids
+
+
+def _seed_from(generator: Optional[torch.Generator], seed: Optional[int]) -> Optional[int]:
+    if generator is not None and seed is not None:
+        raise ValueError("Pass either generator or seed, not both.")
+    if generator is not None:
+        return int(torch.randint(0, 2**62, (1,), generator=generator).item())
+    return seed
+
+
+@torch.inference_mode()
+def generate_token_ids(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[list[int]],
+    batch_size: int = 16,
+    max_new_tokens: int = 32,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: Optional[torch.Generator] = None,
+    seed: Optional[int] = None,
+    include_eos: bool = True,
+    progress: bool = True,
+    desc: str = "generate",
+) -> list[list[int]]:
+    """Generate a continuation of each prompt (token ids) and return the new token ids, in prompt order.
+
+    Prompts are batched by length (longest first) and left-padded. Each continuation ends at its first EOS,
+    which is kept when `include_eos` is True. In float32 greedy results do not depend on `batch_size`
+(tested on CPU). In bf16 or fp16 the padding can change rounding and so, rarely, a token.
+    Sampling draws from the torch RNG seeded by `seed` or by a draw from `generator`, inside a forked RNG
+    state so the global RNG is left as it was. With neither, it uses the global RNG.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} is invalid: use 1 or more prompts per batch.")
+    config = generation_config(tokenizer, max_new_tokens, do_sample, temperature, top_k, top_p)
+    _check_prompts(model, prompts, max_new_tokens)
+    sample_seed = _seed_from(generator, seed) if do_sample else None
+
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    results: list[Optional[list[int]]] = [None] * len(prompts)
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    devices = [model.device] if model.device.type == "cuda" else []
+
+    was_training = model.training
+    model.eval()  # no dropout while decoding, also for a student that is being trained
+    try:
+        with torch.random.fork_rng(devices=devices, enabled=sample_seed is not None):
+            if sample_seed is not None:
+                torch.manual_seed(sample_seed)
+            for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+                input_ids, attention_mask = _left_pad([prompts[i] for i in batch], tokenizer.pad_token_id, model.device)
+                output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+                new_tokens = output[:, input_ids.shape[1] :].tolist()  # (B, <= max_new_tokens)
+                for i, ids in zip(batch, new_tokens):
+                    results[i] = _cut_at_eos(ids, tokenizer.eos_token_id, include_eos)
+    finally:
+        model.train(was_training)
+    return results
+
+
+def generate_greedy(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[list[int]],
+    batch_size: int = 16,
+    max_new_tokens: int = 32,
+    progress: bool = True,
+) -> list[str]:
+    """Greedy-decode each prompt (token ids) and return the new text, cut at EOS and stripped."""
+    token_ids = generate_token_ids(
+        model,
+        tokenizer,
+        prompts,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        include_eos=False,
+        progress=progress,
+        desc="greedy decoding",
+    )
+    return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in token_ids]

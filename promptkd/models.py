@@ -58,10 +58,12 @@ PRESETS = {
     "gpt2-xl": "GPT-2 XL (1.5B) from the Hugging Face Hub; needs the hub.",
 }
 
-# Student layer rule: keep the first 2 decoder layers and the last 10 (12 layers, for SmolLM2 0,1,20-29).
-# Perplexity of the first 40 Dolly test responses before any training (teacher 16.1): this rule 3.7e3,
-# 'even12' 7.4e6, 'first12' 4.6e9. NOTE: 12 layers is a provisional choice and may change.
-DEFAULT_STUDENT_LAYERS = "first2+last10"
+# Default student: SmolLM2-135M without decoder layers 10-19 (20 of 30 layers, 99M parameters).
+# Measured on 50 Dolly validation responses (max length 256; teacher perplexity 11.4), before and after
+# 100 SFT steps (400 records, batch 4, lr 1e-4, bf16): 12 layers "first2+last10" 5,567 -> 151;
+# 20 layers "first2+last18" 1,532 -> 42; 20 layers "drop10-19" 243 before SFT, the best start of those.
+# The 12-layer student is smaller but stays far from the teacher within a CPU demo's budget.
+DEFAULT_STUDENT_LAYERS = "drop10-19"
 
 LAYERS_SEPARATOR = ":layers="
 RUN_MODEL_DIR = "model"

@@ -51,8 +51,8 @@ def test_student_layers_specs(spec, expected):
 
 
 def test_student_layers_default_constant():
-    assert DEFAULT_STUDENT_LAYERS == "first2+last10"
-    assert len(student_layers(30, "default")) == 12
+    assert DEFAULT_STUDENT_LAYERS == "drop10-19"
+    assert student_layers(30, "default") == list(range(10)) + list(range(20, 30))
 
 
 @pytest.mark.parametrize(

@@ -34,8 +34,9 @@ DOLLY_TEST = Path(__file__).resolve().parent.parent / "promptkd" / "data" / "dol
 @pytest.mark.parametrize(
     "spec, expected",
     [
-        ("default", [0, 1, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29]),
+        ("default", list(range(10)) + list(range(20, 30))),
         ("0,1,22-29", [0, 1, 22, 23, 24, 25, 26, 27, 28, 29]),
+        ("first2+last10", [0, 1, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29]),
         ("29, 0 ,5", [0, 5, 29]),
         ("first2+last4", [0, 1, 26, 27, 28, 29]),
         ("first3", [0, 1, 2]),

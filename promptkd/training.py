@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,14 +14,20 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, gather_object
+from accelerate.utils import DistributedType, broadcast_object_list, gather_object
 from transformers import get_linear_schedule_with_warmup
 
-from promptkd.runs import CHECKPOINT_DIR, MODEL_DIR, Run, atomic_write_dir, existing_dir
+from promptkd.config import ConfigError
+from promptkd.runs import CHECKPOINT_DIR, MODEL_DIR, Run, RunError, atomic_write_dir, atomic_write_text, existing_dir
 
 logger = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.pt"
+# Test-only switch: with PROMPTKD_DEBUG_CHECKSUMS=1 every process writes checksum_rank<r>.txt into the run
+# folder when it saves the final model, so a test can check that all processes hold the same weights.
+DEBUG_CHECKSUMS_ENV = "PROMPTKD_DEBUG_CHECKSUMS"
+# Sharding backends need the models wrapped by accelerator.prepare, which the loops do not do.
+UNSUPPORTED_DISTRIBUTED_TYPES = (DistributedType.DEEPSPEED, DistributedType.FSDP, DistributedType.MEGATRON_LM)
 
 
 def resolve_mixed_precision(setting: str) -> str:
@@ -31,8 +39,22 @@ def resolve_mixed_precision(setting: str) -> str:
 
 
 def make_accelerator(config) -> Accelerator:
-    """Accelerator for this run; gradient accumulation is done by the loops themselves."""
-    return Accelerator(mixed_precision=resolve_mixed_precision(config.mixed_precision))
+    """Accelerator for this run; gradient accumulation is done by the loops themselves.
+
+    A multi-process launch (WORLD_SIZE > 1) on a machine without an accelerator device runs on the CPU with
+    the gloo backend. Without cpu=True, accelerate would start every process as its own single-process run.
+    """
+    multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    cpu = multi_process and not torch.accelerator.is_available()
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(config.mixed_precision), cpu=cpu)
+    # NOTE: untested, because the project's CPU-only test machines cannot start DeepSpeed or FSDP runs.
+    if accelerator.distributed_type in UNSUPPORTED_DISTRIBUTED_TYPES:
+        raise ConfigError(
+            f"accelerate distributed_type={accelerator.distributed_type.value} is not supported: promptkd calls the "
+            "models directly and averages gradients itself, so DeepSpeed, FSDP and Megatron-LM would not shard "
+            "anything. Launch with a plain multi-GPU config (configs/accelerate/multi_gpu.yaml) instead."
+        )
+    return accelerator
 
 
 def agree_run_name(config, command: str, accelerator: Accelerator) -> None:
@@ -45,6 +67,46 @@ def agree_run_name(config, command: str, accelerator: Accelerator) -> None:
     if accelerator.num_processes > 1:
         broadcast_object_list(names, from_process=0)
     config.run_name = names[0]
+
+
+def create_run(config, command: str, accelerator: Accelerator) -> Run:
+    """Create the run folder (or reopen it with config.resume) on the main process, then open it everywhere.
+
+    Only the main process checks the folder: a check on another process could read the status the main
+    process has just written and reject the run as already existing or still running.
+    """
+    agree_run_name(config, command, accelerator)
+    if accelerator.num_processes == 1:
+        return Run.create(config, command)
+
+    run, main_error = None, None
+    outcome = [None, None]  # [error message, run id], sent from the main process
+    if accelerator.is_main_process:
+        try:
+            run = Run.create(config, command, is_main=True)
+            outcome = [None, run.run_id]
+        except Exception as error:
+            main_error = error
+            outcome = [f"{type(error).__name__}: {error}", None]
+    broadcast_object_list(outcome, from_process=0)
+    if main_error is not None:
+        raise main_error
+    if outcome[0] is not None:
+        raise RunError(f"The main process could not create the run folder: {outcome[0]}")
+    if run is None:
+        run = Run(config.runs_root / config.run_name, command, outcome[1], is_main=False)
+    return run
+
+
+def any_process(flag: bool, accelerator: Accelerator) -> bool:
+    """Return True on every process when `flag` is True on any of them.
+
+    A stop signal can reach the processes between different steps; agreeing on it keeps them in step.
+    """
+    if accelerator.num_processes == 1:
+        return flag
+    count = accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), reduction="sum")
+    return bool(count.item() > 0)
 
 
 def seed_everything(seed: int) -> None:
@@ -241,7 +303,22 @@ def save_final_model(run: Run, accelerator: Accelerator, model, tokenizer, extra
             tmp = run.path / f".{filename}.tmp"
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
             tmp.replace(run.path / filename)
+    if os.environ.get(DEBUG_CHECKSUMS_ENV) == "1":
+        checksum = parameter_checksum(model, extra_tensors)
+        atomic_write_text(run.path / f"checksum_rank{accelerator.process_index}.txt", checksum + "\n")
     accelerator.wait_for_everyone()
+
+
+def parameter_checksum(model, extra_tensors: Optional[dict] = None) -> str:
+    """SHA-256 of the model's parameters and the extra tensors, over names and raw bytes in name order."""
+    tensors = dict(model.named_parameters())
+    for filename, group in (extra_tensors or {}).items():
+        tensors.update({f"{filename}:{name}": tensor for name, tensor in group.items()})
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode("utf-8"))
+        digest.update(tensors[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def describe_error(error: BaseException) -> str:

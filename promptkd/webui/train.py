@@ -37,7 +37,7 @@ HELP = {name: f.metadata.get("help", "") for name, f in FIELDS.items()}
 # Fields the form never sets: the app chooses the folder and name, resuming has its own button, the data
 # source is the shipped Dolly records, and evaluation settings belong to the Runs tab.
 HIDDEN_FIELDS = ("run_name", "output_dir", "resume", "dataset", "eval_limit")
-CHOICE_FIELDS = {"mixed_precision": ["auto", "no", "bf16", "fp16"], "kl_direction": ["forward", "reverse"], "template": ["dolly", "alpaca"]}
+CHOICE_FIELDS = {"mixed_precision": ["auto", "no", "bf16"], "kl_direction": ["forward", "reverse"], "template": ["dolly", "alpaca"]}
 UNIT_SLIDERS = ("alpha", "alpha_start", "alpha_end", "gated_alpha_min", "gated_alpha_max")
 # Fields laid out in the main form. Every other DistillConfig field goes under "All other settings".
 MAIN_FIELDS = (

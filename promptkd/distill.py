@@ -10,7 +10,6 @@ Each optimizer step:
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -22,25 +21,25 @@ from promptkd import data as dolly
 from promptkd.config import DistillConfig
 from promptkd.losses import LossOutput, StepContext, get_strategy, prompt_loss, regularizer_weight
 from promptkd.models import check_same_vocab, load_model_and_tokenizer, position_ids_from_mask
-from promptkd.runs import CHECKPOINT_DIR, MODEL_DIR, Run, StopRequest
+from promptkd.runs import MODEL_DIR, Run, StopRequest
 from promptkd.soft_prompt import SoftPrompt, load_soft_prompt, teacher_forward
 from promptkd.training import (
     BatchPlan,
     LoopState,
-    any_process,
     average_gradients,
     clip_and_norm,
-    create_run,
-    describe_error,
+    finish_run,
     grads_finite,
     iterate_steps,
     load_trainer_state,
-    make_accelerator,
     make_optimizer,
+    record_step_outcome,
     restore_trainer_state,
+    run_with_status,
     save_checkpoint,
     save_final_model,
     seed_everything,
+    should_pause,
     total_optimizer_steps,
 )
 
@@ -268,23 +267,7 @@ def encode_prompts(config: DistillConfig, records, tokenizer) -> list[dict]:
 
 def distill(config: DistillConfig) -> Run:
     """Run PromptKD distillation as configured; returns the finished Run."""
-    config.validate()
-    accelerator = make_accelerator(config)
-    run = create_run(config, "distill", accelerator)
-    logger.info("Distillation run %s in %s", run.run_id, run.path)
-
-    try:
-        with StopRequest() as stop:
-            state = _train(config, accelerator, run, stop)
-        return run
-    except BaseException as error:
-        if run.status.get("state") == "running":
-            state_name = "stopped" if isinstance(error, KeyboardInterrupt) else "failed"
-            run.set_status(state_name, error=describe_error(error))
-            logger.error("Run %s %s: %s", run.run_id, state_name, describe_error(error))
-        raise
-    finally:
-        run.close()
+    return run_with_status(config, "distill", _train)
 
 
 def _train(config: DistillConfig, accelerator, run: Run, stop: StopRequest) -> LoopState:
@@ -342,17 +325,9 @@ def _train(config: DistillConfig, accelerator, run: Run, stop: StopRequest) -> L
         metrics, finite = distiller.step(batches, step)
         loop.step = step + 1
         loop.elapsed_s = time.perf_counter() - started
-        if finite:
-            loop.nonfinite_in_row = 0
-        else:
-            loop.nonfinite_in_row += 1
-            loop.nonfinite_total += 1
-            logger.warning("Step %d: non-finite loss or gradient, update skipped (%d in a row)", loop.step, loop.nonfinite_in_row)
-            if loop.nonfinite_in_row >= config.max_nonfinite_steps:
-                raise FloatingPointError(
-                    f"{loop.nonfinite_in_row} non-finite losses in a row up to step {loop.step}: stopping. "
-                    "Lower learning_rate, use mixed_precision=no, or check the models' outputs."
-                )
+        record_step_outcome(
+            loop, finite, config.max_nonfinite_steps, "Lower learning_rate, use mixed_precision=no, or check the models' outputs."
+        )
 
         if loop.step % config.log_every == 0 or loop.step == total_steps:
             metrics.update(step=loop.step, epoch=loop.step * accumulation / plan.micro_batches_per_epoch,
@@ -362,8 +337,7 @@ def _train(config: DistillConfig, accelerator, run: Run, stop: StopRequest) -> L
         if probes is not None and loop.step % config.probe_every == 0:
             _record_probe(run, distiller, probes, loop.step)
 
-        pause = any_process(stop.requested, accelerator) or (config.stop_after_steps is not None and loop.step >= config.stop_after_steps)
-        if pause and loop.step < total_steps:
+        if should_pause(config, loop, stop, accelerator) and loop.step < total_steps:
             final_state = "stopped"
             break
         if config.save_every and loop.step % config.save_every == 0 and loop.step < total_steps:
@@ -371,11 +345,7 @@ def _train(config: DistillConfig, accelerator, run: Run, stop: StopRequest) -> L
 
     _save(run, accelerator, distiller, loop)
     save_final_model(run, accelerator, student, tokenizer, {SOFT_PROMPT_FILE: soft_prompt.state_tensors()})
-    if final_state == "completed" and accelerator.is_main_process:
-        shutil.rmtree(run.path / CHECKPOINT_DIR, ignore_errors=True)
-    run.set_status(final_state, step=loop.step, elapsed_s=loop.elapsed_s,
-                   error=f"stopped at step {loop.step} ({stop.signal_name or 'stop_after_steps'})" if final_state == "stopped" else None)
-    logger.info("Run %s %s at step %d/%d after %.1f s", run.run_id, final_state, loop.step, total_steps, loop.elapsed_s)
+    finish_run(run, accelerator, loop, total_steps, final_state, stop)
     return loop
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import time
 
 import torch
@@ -13,24 +12,24 @@ import torch.nn.functional as F
 from promptkd import data as dolly
 from promptkd.config import SFTConfig
 from promptkd.models import load_model_and_tokenizer, position_ids_from_mask
-from promptkd.runs import CHECKPOINT_DIR, MODEL_DIR, Run, StopRequest
+from promptkd.runs import MODEL_DIR, Run, StopRequest
 from promptkd.training import (
     BatchPlan,
     LoopState,
-    any_process,
     average_gradients,
     clip_and_norm,
-    create_run,
-    describe_error,
+    finish_run,
     grads_finite,
     iterate_steps,
     load_trainer_state,
-    make_accelerator,
     make_optimizer,
+    record_step_outcome,
     restore_trainer_state,
+    run_with_status,
     save_checkpoint,
     save_final_model,
     seed_everything,
+    should_pause,
     total_optimizer_steps,
 )
 
@@ -80,22 +79,7 @@ def response_perplexity(model, tokenizer, records, template: str, max_length: in
 
 def sft(config: SFTConfig) -> Run:
     """Fine-tune config.model on the responses; returns the finished Run."""
-    config.validate()
-    accelerator = make_accelerator(config)
-    run = create_run(config, "sft", accelerator)
-    logger.info("SFT run %s in %s", run.run_id, run.path)
-    try:
-        with StopRequest() as stop:
-            _train(config, accelerator, run, stop)
-        return run
-    except BaseException as error:
-        if run.status.get("state") == "running":
-            state_name = "stopped" if isinstance(error, KeyboardInterrupt) else "failed"
-            run.set_status(state_name, error=describe_error(error))
-            logger.error("Run %s %s: %s", run.run_id, state_name, describe_error(error))
-        raise
-    finally:
-        run.close()
+    return run_with_status(config, "sft", _train)
 
 
 def _train(config: SFTConfig, accelerator, run: Run, stop: StopRequest) -> LoopState:
@@ -165,17 +149,7 @@ def _train(config: SFTConfig, accelerator, run: Run, stop: StopRequest) -> LoopS
 
         loop.step = step + 1
         loop.elapsed_s = time.perf_counter() - started
-        if finite:
-            loop.nonfinite_in_row = 0
-        else:
-            loop.nonfinite_in_row += 1
-            loop.nonfinite_total += 1
-            logger.warning("Step %d: non-finite loss or gradient, update skipped (%d in a row)", loop.step, loop.nonfinite_in_row)
-            if loop.nonfinite_in_row >= config.max_nonfinite_steps:
-                raise FloatingPointError(
-                    f"{loop.nonfinite_in_row} non-finite losses in a row up to step {loop.step}: stopping. "
-                    "Lower learning_rate or use mixed_precision=no."
-                )
+        record_step_outcome(loop, finite, config.max_nonfinite_steps, "Lower learning_rate or use mixed_precision=no.")
 
         if loop.step % config.log_every == 0 or loop.step == total_steps:
             step_time = time.perf_counter() - step_started
@@ -187,8 +161,7 @@ def _train(config: SFTConfig, accelerator, run: Run, stop: StopRequest) -> LoopS
             })
         run.set_status(step=loop.step, elapsed_s=loop.elapsed_s)
 
-        pause = any_process(stop.requested, accelerator) or (config.stop_after_steps is not None and loop.step >= config.stop_after_steps)
-        if pause and loop.step < total_steps:
+        if should_pause(config, loop, stop, accelerator) and loop.step < total_steps:
             final_state = "stopped"
             break
         if config.save_every and loop.step % config.save_every == 0 and loop.step < total_steps:
@@ -201,11 +174,7 @@ def _train(config: SFTConfig, accelerator, run: Run, stop: StopRequest) -> LoopS
 
     save_checkpoint(run, accelerator, model, tokenizer, {"model": optimizer}, {"model": scheduler}, loop)
     save_final_model(run, accelerator, model, tokenizer)
-    if final_state == "completed" and accelerator.is_main_process:
-        shutil.rmtree(run.path / CHECKPOINT_DIR, ignore_errors=True)
-    run.set_status(final_state, step=loop.step, elapsed_s=loop.elapsed_s,
-                   error=f"stopped at step {loop.step} ({stop.signal_name or 'stop_after_steps'})" if final_state == "stopped" else None)
-    logger.info("Run %s %s at step %d/%d after %.1f s", run.run_id, final_state, loop.step, total_steps, loop.elapsed_s)
+    finish_run(run, accelerator, loop, total_steps, final_state, stop)
     return loop
 
 

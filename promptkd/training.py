@@ -7,9 +7,10 @@ import logging
 import math
 import os
 import random
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -18,7 +19,16 @@ from accelerate.utils import DistributedType, broadcast_object_list, gather_obje
 from transformers import get_linear_schedule_with_warmup
 
 from promptkd.config import ConfigError
-from promptkd.runs import CHECKPOINT_DIR, MODEL_DIR, Run, RunError, atomic_write_dir, atomic_write_text, existing_dir
+from promptkd.runs import (
+    CHECKPOINT_DIR,
+    MODEL_DIR,
+    Run,
+    RunError,
+    StopRequest,
+    atomic_write_dir,
+    atomic_write_text,
+    existing_dir,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -336,3 +346,56 @@ def iterate_steps(start_step: int, total_steps: int, disable: bool = False) -> I
         for step in range(start_step, total_steps):
             yield step
             bar.update(1)
+
+
+def run_with_status(config, command: str, train: Callable) -> Run:
+    """Create the run folder, call train(config, accelerator, run, stop) and record how it ended.
+
+    SIGINT/SIGTERM become a stop request that `train` honours after a step. An exception that escapes
+    `train` marks a still-running run 'failed' (or 'stopped' for KeyboardInterrupt) with the error.
+    """
+    config.validate()
+    accelerator = make_accelerator(config)
+    run = create_run(config, command, accelerator)
+    logger.info("%s run %s in %s", command, run.run_id, run.path)
+    try:
+        with StopRequest() as stop:
+            train(config, accelerator, run, stop)
+        return run
+    except BaseException as error:
+        if run.status.get("state") == "running":
+            state = "stopped" if isinstance(error, KeyboardInterrupt) else "failed"
+            run.set_status(state, error=describe_error(error))
+            logger.error("Run %s %s: %s", run.run_id, state, describe_error(error))
+        raise
+    finally:
+        run.close()
+
+
+def record_step_outcome(loop: LoopState, finite: bool, max_nonfinite_steps: int, hint: str) -> None:
+    """Count a skipped (non-finite) update; raise FloatingPointError after too many in a row."""
+    if finite:
+        loop.nonfinite_in_row = 0
+        return
+    loop.nonfinite_in_row += 1
+    loop.nonfinite_total += 1
+    logger.warning("Step %d: non-finite loss or gradient, update skipped (%d in a row)", loop.step, loop.nonfinite_in_row)
+    if loop.nonfinite_in_row >= max_nonfinite_steps:
+        raise FloatingPointError(
+            f"{loop.nonfinite_in_row} non-finite losses in a row up to step {loop.step}: stopping. {hint}"
+        )
+
+
+def should_pause(config, loop: LoopState, stop: StopRequest, accelerator: Accelerator) -> bool:
+    """True when a stop signal reached any process or stop_after_steps is reached."""
+    requested = any_process(stop.requested, accelerator)
+    return requested or (config.stop_after_steps is not None and loop.step >= config.stop_after_steps)
+
+
+def finish_run(run: Run, accelerator: Accelerator, loop: LoopState, total_steps: int, state: str, stop: StopRequest) -> None:
+    """Mark the run completed or stopped; a completed run no longer needs its resumable checkpoint."""
+    if state == "completed" and accelerator.is_main_process:
+        shutil.rmtree(run.path / CHECKPOINT_DIR, ignore_errors=True)
+    error = f"stopped at step {loop.step} ({stop.signal_name or 'stop_after_steps'})" if state == "stopped" else None
+    run.set_status(state, step=loop.step, elapsed_s=loop.elapsed_s, error=error)
+    logger.info("Run %s %s at step %d/%d after %.1f s", run.run_id, state, loop.step, total_steps, loop.elapsed_s)

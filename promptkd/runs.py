@@ -122,6 +122,10 @@ class RunIdFilter(logging.Filter):
         return True
 
 
+# The console handler's filter; a run that starts sets its id here so console lines carry it too.
+CONSOLE_RUN_ID = RunIdFilter("-")
+
+
 def setup_logging(level: int = logging.INFO, run_id: str = "-") -> None:
     """Send promptkd's log records to stderr with the run id in every line."""
     root = logging.getLogger("promptkd")
@@ -132,7 +136,8 @@ def setup_logging(level: int = logging.INFO, run_id: str = "-") -> None:
     handler = logging.StreamHandler()
     handler._promptkd_console = True
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    handler.addFilter(RunIdFilter(run_id))
+    CONSOLE_RUN_ID.run_id = run_id
+    handler.addFilter(CONSOLE_RUN_ID)
     root.addHandler(handler)
     root.propagate = False
 
@@ -209,12 +214,14 @@ class Run:
         handler.addFilter(RunIdFilter(self.run_id))
         logging.getLogger("promptkd").addHandler(handler)
         self._file_handler = handler
+        CONSOLE_RUN_ID.run_id = self.run_id
 
     def close(self) -> None:
         if self._file_handler is not None:
             logging.getLogger("promptkd").removeHandler(self._file_handler)
             self._file_handler.close()
             self._file_handler = None
+            CONSOLE_RUN_ID.run_id = "-"
 
     # -- status and metrics ----------------------------------------------------------------------
 

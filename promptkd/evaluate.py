@@ -1,4 +1,8 @@
-"""Evaluation runs: greedy decoding on a Dolly split, scored with Exact Match, ROUGE-L and BERTScore."""
+"""Evaluation runs: greedy decoding on a Dolly split, scored with Exact Match, ROUGE-L and BERTScore.
+
+Each model is also teacher-forced on the reference responses to measure the calibration of its
+next-token predictions (promptkd.calibration), unless EvalConfig.calibration is off.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from typing import Optional
 import torch
 
 from promptkd import data as dolly
+from promptkd.calibration import calibration_stats
 from promptkd.config import EvalConfig
 from promptkd.generation import generate_greedy
 from promptkd.metrics import score_predictions
@@ -58,6 +63,7 @@ def evaluate_model(
     started = time.perf_counter()
     predictions = generate_greedy(model, tokenizer, prompts, batch_size=config.batch_size, max_new_tokens=config.max_new_tokens)
     generation_s = time.perf_counter() - started
+    calibration = _calibration_summary(model, tokenizer, records, config) if config.calibration else {}
     del model
     gc.collect()
 
@@ -75,6 +81,7 @@ def evaluate_model(
         "bertscore_model": scores["bertscore_model"],
         "generation_s": generation_s,
         "scoring_s": scoring_s,
+        **calibration,
         "per_example": {
             "em": per_example["exact_match"],
             "rouge_l": per_example["rouge_l"],
@@ -84,21 +91,43 @@ def evaluate_model(
     return summary, predictions
 
 
+def _calibration_summary(model, tokenizer, records, config: EvalConfig) -> dict:
+    """Return the summary fields ece (percent), mean_entropy and mean_nll (nats) and calibration_s of one model."""
+    started = time.perf_counter()
+    stats = calibration_stats(model, tokenizer, records, config.template, config.max_length, config.batch_size)
+    return {
+        "ece": 100.0 * stats["ece"],
+        "mean_entropy": stats["mean_entropy"],
+        "mean_nll": stats["mean_nll"],
+        "calibration_s": time.perf_counter() - started,
+    }
+
+
 def format_number(value) -> str:
     return "–" if value is None else f"{value:.2f}"
 
 
 def results_markdown(results: dict) -> str:
-    """The results table: method | EM | ROUGE-L | BERTScore, one row per model."""
+    """The results table: method | EM | ROUGE-L | BERTScore, one row per model, plus ECE | entropy when measured."""
+    with_calibration = any("ece" in row for row in results["models"])
     lines = [
         f"Dolly {results['split']} split, {results['num_examples']} prompts, greedy decoding, "
         f"{results['max_new_tokens']} new tokens. BERTScore F1 model: {results['bertscore_model']}.",
-        "",
-        "| method | EM | ROUGE-L | BERTScore |",
-        "|---|---:|---:|---:|",
     ]
+    if with_calibration:
+        lines.append(
+            "ECE: expected calibration error (%, 10 bins) and entropy: mean predictive entropy (nats) of the "
+            "next-token predictions on the teacher-forced reference responses."
+        )
+    header, rule = "| method | EM | ROUGE-L | BERTScore |", "|---|---:|---:|---:|"
+    if with_calibration:
+        header, rule = header + " ECE | entropy |", rule + "---:|---:|"
+    lines += ["", header, rule]
     for row in results["models"]:
-        lines.append(f"| {row['label']} | {format_number(row['em'])} | {format_number(row['rouge_l'])} | {format_number(row['bertscore'])} |")
+        line = f"| {row['label']} | {format_number(row['em'])} | {format_number(row['rouge_l'])} | {format_number(row['bertscore'])} |"
+        if with_calibration:
+            line += f" {format_number(row.get('ece'))} | {format_number(row.get('mean_entropy'))} |"
+        lines.append(line)
     return "\n".join(lines) + "\n"
 
 

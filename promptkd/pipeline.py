@@ -20,7 +20,7 @@ from pathlib import Path
 
 from promptkd.config import BaseConfig, ConfigError, DistillConfig, EvalConfig, SFTConfig, _field
 from promptkd.losses import parse_strategy
-from promptkd.runs import read_json, read_jsonl
+from promptkd.runs import RunError, read_json, read_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +102,16 @@ def _completed(path: Path) -> bool:
     return (read_json(path / "status.json", {}) or {}).get("state") == "completed"
 
 
+def _require_completed(run) -> None:
+    """Stop the pipeline when a stage was stopped (Ctrl-C, SIGTERM), instead of going on to the next one."""
+    state = run.status.get("state")
+    if state != "completed":
+        raise RunError(
+            f"Stage {run.name} ended as '{state}' at step {run.status.get('step')}. "
+            "Run the same pipeline command again to resume it; completed stages are reused."
+        )
+
+
 def _stage_name(prefix: str, strategy: str) -> str:
     return f"{prefix}-{strategy.replace('+', '-')}"
 
@@ -178,12 +188,12 @@ def _run_seed(
     root = config.runs_root
     stage_started = time.perf_counter()
     if not _completed(root / sft_name):
-        sft(SFTConfig(
+        _require_completed(sft(SFTConfig(
             **_common(config, sft_seed), run_name=sft_name, resume=(root / sft_name).exists(), model=config.student,
             train_limit=config.train_limit, eval_limit=min(config.eval_limit, 50), max_steps=config.sft_steps,
             per_device_batch_size=config.sft_batch_size, gradient_accumulation_steps=1,
             learning_rate=config.sft_learning_rate, save_every=max(config.sft_steps // 2, 1),
-        ))
+        )))
     timings[f"{timing_prefix}SFT student"] = time.perf_counter() - stage_started
     sft_student = str(root / sft_name)
 
@@ -192,12 +202,12 @@ def _run_seed(
         name = _stage_name(stage_prefix, strategy)
         stage_started = time.perf_counter()
         if not _completed(root / name):
-            distill(DistillConfig(
+            _require_completed(distill(DistillConfig(
                 **_common(config, seed), run_name=name, resume=(root / name).exists(), teacher=config.teacher,
                 student=sft_student, strategy=strategy, train_limit=config.train_limit, max_steps=config.distill_steps,
                 per_device_batch_size=config.distill_batch_size, learning_rate=config.distill_learning_rate,
                 prompt_learning_rate=config.prompt_learning_rate, save_every=max(config.distill_steps // 2, 1),
-            ))
+            )))
         timings[f"{timing_prefix}distill {strategy}"] = time.perf_counter() - stage_started
         distilled.append((strategy, str(root / name)))
 

@@ -115,3 +115,16 @@ def test_pipeline_on_tiny_models(tmp_path, capsys):
     # A second invocation reuses every completed stage.
     assert main(args) == 0
     assert sorted(p.name for p in root.iterdir()) == ["demo-baseline", "demo-eval", "demo-sft", "demo-ta_filter"]
+
+
+def test_pipeline_halts_on_stopped_stage(tmp_path):
+    from promptkd.distill import distill
+    from promptkd.pipeline import _require_completed
+    from promptkd.runs import RunError
+
+    config = DistillConfig(output_dir=str(tmp_path), run_name="halted", teacher="tiny-llama", student="tiny-llama:layers=0",
+                           train_limit=4, per_device_batch_size=2, max_steps=3, stop_after_steps=1, max_new_tokens=3,
+                           max_length=96, probe_every=0, mixed_precision="no")
+    run = distill(config)
+    with pytest.raises(RunError, match="ended as 'stopped' at step 1. Run the same pipeline command again"):
+        _require_completed(run)

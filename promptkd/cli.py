@@ -35,8 +35,19 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
 
 
 def config_from_args(cls, args: argparse.Namespace):
+    """Build the config from --config and the flags given; --resume without --config reuses the run's config.yaml."""
     overrides = {spec.name: getattr(args, spec.name) for spec in dataclasses.fields(cls) if getattr(args, spec.name, None) is not None}
-    return load_config(cls, args.config, overrides)
+    path = args.config
+    if path is None and overrides.get("resume") and overrides.get("run_name"):
+        root = Path(overrides["output_dir"]) if overrides.get("output_dir") else home_dir() / "runs"
+        stored = root / overrides["run_name"] / "config.yaml"
+        if stored.is_file():
+            path = stored
+            changed = sorted(set(overrides) - {"resume", "run_name", "output_dir"})
+            logger.info("Resuming with the settings stored in %s", stored)
+            if changed:
+                logger.warning("Flags given with --resume override the stored settings: %s", ", ".join(changed))
+    return load_config(cls, path, overrides)
 
 
 def cli_command(command: str, config) -> str:
@@ -93,7 +104,7 @@ def cmd_sft(args) -> int:
     run = sft(config)
     if run.is_main:
         print(f"SFT run {run.status.get('state')}: {run.path}")
-    return 0 if run.status.get("state") in ("completed", "stopped") else 1
+    return exit_code(run)
 
 
 def cmd_distill(args) -> int:
@@ -103,7 +114,17 @@ def cmd_distill(args) -> int:
     run = distill(config)
     if run.is_main:
         print(f"Distillation run {run.status.get('state')}: {run.path}")
-    return 0 if run.status.get("state") in ("completed", "stopped") else 1
+    return exit_code(run)
+
+
+def exit_code(run) -> int:
+    """0 for a completed run or a pause at stop_after_steps, 130 for a run stopped by a signal."""
+    status = run.status
+    if status.get("state") == "completed":
+        return 0
+    if status.get("state") == "stopped":
+        return 0 if "stop_after_steps" in (status.get("error") or "") else 130
+    return 1
 
 
 def cmd_evaluate(args) -> int:

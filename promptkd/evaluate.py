@@ -19,7 +19,7 @@ from promptkd.calibration import calibration_stats
 from promptkd.config import EvalConfig
 from promptkd.generation import generate_greedy
 from promptkd.metrics import score_predictions
-from promptkd.models import load_model_and_tokenizer
+from promptkd.models import load_model_and_tokenizer, resolve_model_source, split_model_spec
 from promptkd.runs import Run, atomic_write_json, atomic_write_text, read_json
 from promptkd.training import describe_error, make_accelerator
 
@@ -135,6 +135,9 @@ def evaluate(config: EvalConfig) -> Run:
     """Evaluate every model in config.models; writes results.json, results.md and predictions.jsonl."""
     config.validate()
     entries = [split_label(entry) for entry in config.models]
+    for _, spec in entries:
+        # A missing folder or bad layer spec fails here, before any model is evaluated.
+        resolve_model_source(split_model_spec(spec)[0])
     records = dolly.load_split(config.dataset, config.split, limit=config.eval_limit)
     accelerator = make_accelerator(config)
     run = Run.create(config, "evaluate", is_main=accelerator.is_main_process)

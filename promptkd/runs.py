@@ -177,7 +177,7 @@ class Run:
                 raise RunError(f"Run {path} has already completed; there is nothing to resume.")
             if status.get("state") == "running" and _pid_alive(status.get("pid"), status.get("host")):
                 raise RunError(f"Run {path} is still running (pid {status.get('pid')}); stop it before resuming.")
-        elif status is not None:
+        elif status is not None and not _failed_before_training(path, status):
             # A folder without status.json is accepted: the app creates it first to hold the launch log.
             raise RunError(
                 f"Run folder {path} already exists. Pass --resume to continue it, or choose another --run-name."
@@ -279,6 +279,16 @@ class Run:
         return existing_dir(self.path / CHECKPOINT_DIR)
 
 
+def _failed_before_training(path: Path, status: dict) -> bool:
+    """True for a run that failed during setup (bad model path, vocab mismatch): nothing of it is worth keeping."""
+    return (
+        status.get("state") == "failed"
+        and not status.get("step")
+        and not (path / CHECKPOINT_DIR).exists()
+        and not (path / "metrics.jsonl").exists()
+    )
+
+
 def _pid_alive(pid, host) -> bool:
     if not pid or (host and host != socket.gethostname()):
         return False
@@ -352,7 +362,11 @@ class StopRequest:
             raise KeyboardInterrupt
         self.requested = True
         self.signal_name = signal.Signals(signum).name
-        logger.warning("Received %s: stopping after the current step and saving a checkpoint.", self.signal_name)
+        logger.warning(
+            "Received %s: stopping after the current step (a step can take minutes on a CPU) and saving a checkpoint. "
+            "Press Ctrl-C again to abort without a checkpoint.",
+            self.signal_name,
+        )
 
     def __enter__(self) -> "StopRequest":
         for signum in (signal.SIGINT, signal.SIGTERM):

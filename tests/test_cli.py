@@ -128,3 +128,44 @@ def test_pipeline_halts_on_stopped_stage(tmp_path):
     run = distill(config)
     with pytest.raises(RunError, match="ended as 'stopped' at step 1. Run the same pipeline command again"):
         _require_completed(run)
+
+
+def test_resume_reuses_stored_settings(tmp_path, capsys):
+    root = str(tmp_path / "runs")
+    args = ["distill", *TINY, "--output-dir", root, "--run-name", "paused", "--strategy", "ta_filter", "--top-k", "7",
+            "--train-limit", "4", "--per-device-batch-size", "2", "--max-steps", "3", "--stop-after-steps", "1",
+            "--max-new-tokens", "3", "--max-length", "96", "--probe-every", "0", "--mixed-precision", "no"]
+    assert main(args) == 0  # a pause at stop_after_steps is not an error
+    assert read_json(tmp_path / "runs" / "paused" / "status.json")["state"] == "stopped"
+
+    # Only --resume and the run's name: everything else comes from the stored config.yaml.
+    assert main(["distill", "--output-dir", root, "--run-name", "paused", "--resume", "--stop-after-steps", "10"]) == 0
+    status = read_json(tmp_path / "runs" / "paused" / "status.json")
+    assert status["state"] == "completed"
+    assert status["step"] == 3
+    import yaml
+
+    stored = yaml.safe_load((tmp_path / "runs" / "paused" / "config.yaml").read_text())
+    assert stored["strategy"] == "ta_filter"
+    assert stored["top_k"] == 7
+    assert stored["teacher"] == "tiny-llama"
+
+
+def test_failed_setup_leaves_name_reusable(tmp_path, capsys):
+    root = str(tmp_path / "runs")
+    bad = ["distill", "--output-dir", root, "--run-name", "retry", "--teacher", "tiny-llama", "--student", str(tmp_path / "missing")]
+    assert main(bad) == 2
+    assert "missing" in capsys.readouterr().err
+    assert read_json(tmp_path / "runs" / "retry" / "status.json")["state"] == "failed"
+    good = ["distill", *TINY, "--output-dir", root, "--run-name", "retry", "--train-limit", "2", "--per-device-batch-size", "2",
+            "--max-steps", "1", "--max-new-tokens", "2", "--max-length", "96", "--probe-every", "0", "--mixed-precision", "no"]
+    assert main(good) == 0
+    assert read_json(tmp_path / "runs" / "retry" / "status.json")["state"] == "completed"
+
+
+def test_evaluate_checks_every_model_first(tmp_path, capsys):
+    args = ["evaluate", "--models", "teacher=tiny-llama", str(tmp_path / "no_run"), "--output-dir", str(tmp_path / "runs"),
+            "--eval-limit", "2", "--bertscore-model", "none"]
+    assert main(args) == 2
+    assert "no_run" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()  # nothing was evaluated or written

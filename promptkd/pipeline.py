@@ -29,13 +29,14 @@ FIVE_STRATEGIES = ["baseline", "entropy_weighted", "soft_blend", "dynamic_blend"
 
 @dataclass
 class PipelineConfig(BaseConfig):
-    """Settings of the offline demo. The defaults finish in about 25 minutes on 2 CPU cores (bf16)."""
+    """Settings of the offline demo; docs/results.md gives what they cost on 2 CPU cores."""
 
     prefix: str = _field("demo", "Run folder prefix: stages are <prefix>-sft, <prefix>-<strategy>, <prefix>-eval.")
     teacher: str = _field("smollm2-135m-instruct", "Teacher model (preset, hub id or folder).")
     student: str = _field("smollm2-135m-instruct:layers=default", "Student before SFT (preset, hub id or folder).")
     strategies: list = _field(list(FIVE_STRATEGIES), "Strategies to distil with, one run each ('+' composes).")
-    mixed_precision: str = _field("bf16", "'no', 'bf16' or 'fp16'; bf16 autocast is about 1.4x faster on CPU.")
+    mixed_precision: str = _field("bf16", "'no' or 'bf16'; bf16 autocast is about 1.4x faster on CPU.")
+    max_length: int = _field(256, "Maximum tokens of prompt plus response; the context is truncated first.")
     train_limit: int = _field(400, "Training records used by SFT and distillation.")
     eval_limit: int = _field(100, "Test records evaluated.")
     sft_steps: int = _field(100, "SFT optimizer steps of the student.")
@@ -43,8 +44,8 @@ class PipelineConfig(BaseConfig):
     sft_learning_rate: float = _field(1e-4, "SFT learning rate of the student.")
     distill_steps: int = _field(20, "Distillation optimizer steps per strategy.")
     distill_batch_size: int = _field(4, "Prompts per distillation step.")
-    distill_learning_rate: float = _field(1e-5, "Distillation learning rate of the student.")
-    prompt_learning_rate: float = _field(1e-4, "Learning rate of the soft prompt.")
+    distill_learning_rate: float = _field(5e-5, "Distillation learning rate of the student.")
+    prompt_learning_rate: float = _field(1e-3, "Learning rate of the soft prompt.")
     eval_batch_size: int = _field(16, "Prompts per generation batch in the evaluation.")
     bertscore_model: str = _field("auto", "BERTScore model ('auto', 'offline', 'none', hub id or folder).")
     seeds: list = _field(

@@ -10,6 +10,7 @@ Each optimizer step:
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -238,12 +239,17 @@ class Distiller:
         """Average, check, clip and apply gradients; a non-finite loss or gradient skips the update."""
         parameters = list(parameters)
         average_gradients(parameters, self.accelerator)
-        finite = finite and grads_finite(parameters)
         grad_norm = 0.0
         if finite:
             grad_norm = clip_and_norm(parameters, self.config.max_grad_norm)
+            # A NaN or inf gradient makes the norm non-finite, so the per-parameter check runs only then. It tells
+            # such a gradient (which clipping turned into NaN) from a norm that overflowed on finite gradients.
+            finite = math.isfinite(grad_norm) or grads_finite(parameters)
+        if finite:
             optimizer.step()
             scheduler.step()  # a skipped update leaves the learning rate schedule where it was
+        else:
+            grad_norm = 0.0
         optimizer.zero_grad(set_to_none=True)
         return finite, grad_norm
 

@@ -7,7 +7,8 @@ from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.cache_utils import DynamicLayer
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +85,41 @@ def _left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tu
     return input_ids.to(device), attention_mask.to(device)
 
 
+def _prefix_cache(model: PreTrainedModel, prompts: list[list[int]], width: int) -> Optional[DynamicCache]:
+    """Build the batched KV cache of every prompt without its last token, left-padded to width - 1 positions.
+
+    Each prompt runs alone, so no padding position is computed, and generate then starts from the last
+    prompt column. A padded batched prefill runs the model on every padding position too, which on CPU
+    took most of the time for Dolly prompts of mixed lengths. Returns None when all prompts have one
+    length or the model's cache is not made of full-attention DynamicLayers, and the caller then lets
+    generate prefill the padded batch.
+    """
+    if len({len(prompt) for prompt in prompts}) == 1:
+        return None
+    cache_width = width - 1
+    layers = None  # per decoder layer: (keys, values), each (B, heads, cache_width, head_dim)
+    for row, prompt in enumerate(prompts):
+        if len(prompt) == 1:
+            continue  # nothing before the last token: the row stays padding
+        prefix = torch.tensor([prompt[:-1]], dtype=torch.long, device=model.device)  # (1, T - 1)
+        cache = model.base_model(input_ids=prefix, use_cache=True).cache
+        if not isinstance(cache, DynamicCache) or any(type(layer) is not DynamicLayer for layer in cache.layers):
+            return None
+        if layers is None:
+            layers = [
+                (
+                    keys.new_zeros(len(prompts), keys.shape[1], cache_width, keys.shape[3]),
+                    values.new_zeros(len(prompts), values.shape[1], cache_width, values.shape[3]),
+                )
+                for keys, values, _ in cache
+            ]
+        start = cache_width - prefix.shape[1]
+        for (keys, values, _), (batch_keys, batch_values) in zip(cache, layers):
+            batch_keys[row, :, start:] = keys[0]
+            batch_values[row, :, start:] = values[0]
+    return None if layers is None else DynamicCache(ddp_cache_data=layers)
+
+
 def _cut_at_eos(ids: list[int], eos_id: int, include_eos: bool) -> list[int]:
     if eos_id in ids:
         end = ids.index(eos_id)
@@ -142,8 +178,12 @@ def generate_token_ids(
             if sample_seed is not None:
                 torch.manual_seed(sample_seed)
             for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
-                input_ids, attention_mask = _left_pad([prompts[i] for i in batch], tokenizer.pad_token_id, model.device)
-                output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+                batch_prompts = [prompts[i] for i in batch]
+                input_ids, attention_mask = _left_pad(batch_prompts, tokenizer.pad_token_id, model.device)
+                cache = _prefix_cache(model, batch_prompts, input_ids.shape[1])
+                output = model.generate(
+                    input_ids=input_ids, attention_mask=attention_mask, cache=cache, generation_config=config
+                )
                 new_tokens = output[:, input_ids.shape[1] :].tolist()  # (B, <= max_new_tokens)
                 for i, ids in zip(batch, new_tokens):
                     results[i] = _cut_at_eos(ids, tokenizer.eos_token_id, include_eos)

@@ -26,6 +26,9 @@ from promptkd.config import ConfigError
 MIN_KEPT_MASS = 1e-8
 # Reverse KL needs log(target) where filtering set target probabilities to 0, so they are floored here.
 REVERSE_KL_FLOOR = 1e-12
+# kd_loss works on this many logits (about 4 MiB of float32) at a time, so its float32 temporaries stay
+# small whatever the batch: rows per chunk = max(1, KD_CHUNK_ELEMENTS // vocabulary size).
+KD_CHUNK_ELEMENTS = 2**20
 
 
 @dataclass(frozen=True)
@@ -203,7 +206,12 @@ def calibrated_entropy_weights(teacher_log_probs: torch.Tensor, mask: torch.Tens
 
     Where every unmasked weight is 0 (a uniform teacher everywhere), all weights are 1.
     """
-    weights = entropy_weights(teacher_log_probs) ** gamma
+    return calibrate_weights(entropy_weights(teacher_log_probs), mask, gamma)
+
+
+def calibrate_weights(entropy_weight: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """calibrated_entropy_weights from per-token entropy weights (N,) -> (N,)."""
+    weights = entropy_weight ** gamma
     mean = masked_mean(weights, mask)
     if mean <= 0:
         return torch.ones_like(weights)
@@ -245,6 +253,64 @@ def _flatten(student_logits, teacher_logits, mask):
 # The strategy loss and the named strategies.
 
 
+class _PrecomputedRowGradients(torch.autograd.Function):
+    """Per-token values (N,) attached to the logits (N, V) they come from, with their gradient rows computed in advance.
+
+    Each value depends on its own logits row only, so row_grads[t] = d values[t] / d logits[t] is the whole
+    Jacobian, and the backward pass scales each row by the incoming gradient of its value.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, values: torch.Tensor, row_grads: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(row_grads)
+        ctx.logits_dtype = logits.dtype
+        return values.clone()
+
+    @staticmethod
+    def backward(ctx, grad_values: torch.Tensor):
+        (row_grads,) = ctx.saved_tensors
+        return (row_grads * grad_values.unsqueeze(-1)).to(ctx.logits_dtype), None, None
+
+
+def _token_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, ctx: StepContext, strategy: Strategy) -> dict:
+    """Per-token parts of kd_loss for rows of logits (n, V); only "kl" carries a gradient (to student_logits)."""
+    student_log_probs = safe_log_softmax(student_logits)  # (n, V) float32
+    teacher_log_probs = safe_log_softmax(teacher_logits)  # (n, V) float32
+    num_tokens, vocab_size = student_logits.shape
+    device = student_log_probs.device
+
+    if strategy.filter:
+        top_k, top_p = ctx.top_k, ctx.top_p
+        if strategy.filter == "scheduled":
+            top_k, top_p = scheduled_top_k_top_p(ctx, vocab_size)
+        target, kept_size, fallback = filter_top_k_top_p(teacher_logits, top_k, top_p, ctx.fallback_temperature)
+    else:
+        target = teacher_log_probs.exp()
+        kept_size = torch.full((num_tokens,), vocab_size, dtype=torch.long, device=device)
+        fallback = torch.zeros(num_tokens, dtype=torch.bool, device=device)
+
+    alpha = torch.ones(num_tokens, device=device)  # (n,)
+    if strategy.blend == "soft":
+        alpha = torch.full((num_tokens,), ctx.alpha, device=device)
+    elif strategy.blend == "dynamic":
+        alpha = torch.full((num_tokens,), dynamic_alpha(ctx), device=device)
+    elif strategy.blend == "entropy_gated":
+        alpha = gated_alpha(teacher_log_probs, ctx)
+    if strategy.blend:
+        target = alpha[:, None] * target + (1.0 - alpha[:, None]) * student_log_probs.detach().exp()
+
+    terms = {
+        "kl": token_kl(target, student_log_probs, ctx.kl_direction),
+        "teacher_entropy": entropy(teacher_log_probs),
+        "alpha": alpha,
+        "kept_size": kept_size,
+        "fallback": fallback,
+    }
+    if strategy.weighting in ("entropy", "calibrated_entropy"):
+        terms["entropy_weight"] = entropy_weights(teacher_log_probs)
+    return terms
+
+
 def kd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -253,6 +319,10 @@ def kd_loss(
     strategy: Strategy = Strategy(),
 ) -> LossOutput:
     """Distillation loss of the student toward the (filtered, blended) teacher, weighted per token.
+
+    The per-token terms are computed KD_CHUNK_ELEMENTS logits at a time. When the student logits need a
+    gradient, each chunk's backward runs right after its forward and only the gradient rows (N, V) are kept,
+    so besides the logits the peak holds one float32 gradient-sized buffer and one chunk of temporaries.
 
     Args:
         student_logits: (..., V) student logits; gradients flow through them.
@@ -265,37 +335,34 @@ def kd_loss(
         LossOutput with loss = sum_t w_t * KL_t * mask_t / sum_t mask_t.
     """
     student_logits, teacher_logits, mask = _flatten(student_logits, teacher_logits.detach(), mask)
-    student_log_probs = safe_log_softmax(student_logits)  # (N, V) float32
-    teacher_log_probs = safe_log_softmax(teacher_logits)  # (N, V) float32
-    num_tokens = student_logits.shape[0]
+    num_tokens, vocab_size = student_logits.shape
+    needs_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    rows_per_chunk = max(1, KD_CHUNK_ELEMENTS // max(vocab_size, 1))
+    row_grads = torch.empty((num_tokens, vocab_size), dtype=torch.float32, device=student_logits.device) if needs_grad else None
 
-    if strategy.filter:
-        top_k, top_p = ctx.top_k, ctx.top_p
-        if strategy.filter == "scheduled":
-            top_k, top_p = scheduled_top_k_top_p(ctx, student_logits.shape[-1])
-        target, kept_size, fallback = filter_top_k_top_p(teacher_logits, top_k, top_p, ctx.fallback_temperature)
-    else:
-        target = teacher_log_probs.exp()
-        kept_size = torch.full((num_tokens,), student_logits.shape[-1], dtype=torch.long)
-        fallback = torch.zeros(num_tokens, dtype=torch.bool)
+    chunks = []
+    for start in range(0, max(num_tokens, 1), rows_per_chunk):
+        rows = slice(start, start + rows_per_chunk)
+        student_rows = student_logits[rows].detach()
+        if needs_grad:
+            student_rows = student_rows.float().requires_grad_()
+        with torch.set_grad_enabled(needs_grad):
+            terms = _token_terms(student_rows, teacher_logits[rows], ctx, strategy)
+        if needs_grad:
+            (row_grads[rows],) = torch.autograd.grad(terms["kl"].sum(), student_rows)
+            terms["kl"] = terms["kl"].detach()
+        chunks.append(terms)
+    terms = {key: torch.cat([chunk[key] for chunk in chunks]) for key in chunks[0]}
 
-    alpha = torch.ones(num_tokens)  # (N,)
-    if strategy.blend == "soft":
-        alpha = torch.full((num_tokens,), ctx.alpha)
-    elif strategy.blend == "dynamic":
-        alpha = torch.full((num_tokens,), dynamic_alpha(ctx))
-    elif strategy.blend == "entropy_gated":
-        alpha = gated_alpha(teacher_log_probs, ctx)
-    alpha = alpha.to(target.device)
-    if strategy.blend:
-        target = alpha[:, None] * target + (1.0 - alpha[:, None]) * student_log_probs.detach().exp()
-
-    kl = token_kl(target, student_log_probs, ctx.kl_direction)  # (N,)
-    teacher_entropy = entropy(teacher_log_probs)  # (N,)
+    kl = terms["kl"]  # (N,)
+    if needs_grad:
+        kl = _PrecomputedRowGradients.apply(student_logits, kl, row_grads)
+    teacher_entropy, alpha = terms["teacher_entropy"], terms["alpha"]
+    kept_size, fallback = terms["kept_size"], terms["fallback"]
     if strategy.weighting == "entropy":
-        weights = entropy_weights(teacher_log_probs)
+        weights = terms["entropy_weight"]
     elif strategy.weighting == "calibrated_entropy":
-        weights = calibrated_entropy_weights(teacher_log_probs, mask, ctx.entropy_gamma)
+        weights = calibrate_weights(terms["entropy_weight"], mask, ctx.entropy_gamma)
     else:
         weights = torch.ones_like(kl)
 

@@ -19,7 +19,7 @@ _TYPES = {"int": int, "float": float, "str": str, "Optional[int]": int, "Optiona
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
-    """One flag per dataclass field (--field-name), defaulting to None so unset flags don't override the file."""
+    """Add one flag per dataclass field (--field-name), defaulting to None so unset flags don't override the file."""
     parser.add_argument("--config", help="YAML or JSON file with field values; flags override it.")
     for spec in dataclasses.fields(cls):
         flag = "--" + spec.name.replace("_", "-")
@@ -51,7 +51,7 @@ def config_from_args(cls, args: argparse.Namespace):
 
 
 def cli_command(command: str, config) -> str:
-    """The shell command that reproduces `config` (fields that differ from the defaults only)."""
+    """Return the shell command that reproduces `config` (fields that differ from the defaults only)."""
     defaults = type(config)()
     parts = ["python", "-m", "promptkd", command]
     for spec in dataclasses.fields(config):

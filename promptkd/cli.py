@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import yaml
+
 from promptkd.config import ConfigError, DistillConfig, EvalConfig, SFTConfig, home_dir, load_config
 from promptkd.runs import RunError, list_runs, setup_logging
 
@@ -42,11 +44,15 @@ def config_from_args(cls, args: argparse.Namespace):
         root = Path(overrides["output_dir"]) if overrides.get("output_dir") else home_dir() / "runs"
         stored = root / overrides["run_name"] / "config.yaml"
         if stored.is_file():
-            path = stored
             changed = sorted(set(overrides) - {"resume", "run_name", "output_dir"})
             logger.info("Resuming with the settings stored in %s", stored)
             if changed:
                 logger.warning("Flags given with --resume override the stored settings: %s", ", ".join(changed))
+            values = yaml.safe_load(stored.read_text(encoding="utf-8")) or {}
+            # A pause at stop_after_steps applies to the invocation that asked for it, not to the resumption.
+            values.pop("stop_after_steps", None)
+            values.update(overrides)
+            return load_config(cls, None, values)
     return load_config(cls, path, overrides)
 
 

@@ -139,7 +139,7 @@ def test_resume_reuses_stored_settings(tmp_path, capsys):
     assert read_json(tmp_path / "runs" / "paused" / "status.json")["state"] == "stopped"
 
     # Only --resume and the run's name: everything else comes from the stored config.yaml.
-    assert main(["distill", "--output-dir", root, "--run-name", "paused", "--resume", "--stop-after-steps", "10"]) == 0
+    assert main(["distill", "--output-dir", root, "--run-name", "paused", "--resume"]) == 0
     status = read_json(tmp_path / "runs" / "paused" / "status.json")
     assert status["state"] == "completed"
     assert status["step"] == 3

@@ -124,13 +124,8 @@ def cmd_distill(args) -> int:
 
 
 def exit_code(run) -> int:
-    """0 for a completed run or a pause at stop_after_steps, 130 for a run stopped by a signal."""
-    status = run.status
-    if status.get("state") == "completed":
-        return 0
-    if status.get("state") == "stopped":
-        return 0 if "stop_after_steps" in (status.get("error") or "") else 130
-    return 1
+    """0 for a completed run and for a clean stop with a checkpoint (signal or stop_after_steps), else 1."""
+    return 0 if run.status.get("state") in ("completed", "stopped") else 1
 
 
 def cmd_evaluate(args) -> int:

@@ -22,7 +22,6 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import shlex  # noqa: E402
-import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from datetime import datetime, timezone  # noqa: E402
@@ -39,11 +38,10 @@ from benchmarks.memory import run_memory_section  # noqa: E402
 logger = logging.getLogger("benchmarks")
 
 SECTIONS = ("kd", "eval", "memory")
-MEMORY_BATCHES = 16
 ROOT = Path(__file__).resolve().parent.parent
 TITLES = {
     "tiny": "Tiny random pair (smoke size)",
-    "smollm2": "SmolLM2-135M-Instruct teacher, 12-layer student",
+    "smollm2": "SmolLM2-135M-Instruct teacher and its layers=default student",
     "gpt2-reference": "Random GPT-2 large teacher, GPT-2 medium student (reference shapes)",
     "gpt2-tiny": "Random tiny GPT-2 pair (reference code path at smoke size)",
 }
@@ -62,6 +60,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-length", type=int, default=512, help="Prompt plus response tokens; longer prompts lose context.")
     parser.add_argument("--warmup", type=int, default=1, help="Untimed KD rounds before the timed ones.")
     parser.add_argument("--repeats", type=int, default=5, help="Timed KD rounds.")
+
+    parser.add_argument(
+        "--memory-prompt-widths", type=lambda text: [int(w) for w in text.split(",")], default=[32, 128, 480],
+        help="Comma list of padded prompt widths (tokens) at which the loss memory is measured.",
+    )
 
     parser.add_argument("--eval-records", type=int, default=32, help="Dolly test records decoded in the eval section.")
     parser.add_argument("--eval-batch-size", type=int, default=16, help="Batch size of generate_greedy.")
@@ -128,19 +131,19 @@ def run(args: argparse.Namespace) -> dict:
         )
 
     if "memory" in args.sections:
-        logger.info("Memory section")
-        # T is the median padded prompt width of the first MEMORY_BATCHES training batches plus the response.
-        batches = prompt_batches(pair.tokenizer, args.batch_size, MEMORY_BATCHES, args.max_length, args.max_new_tokens, args.seed)
-        prompt_width = int(statistics.median(batch["input_ids"].shape[1] for batch in batches))
-        results["memory"] = run_memory_section(
-            batch_size=args.batch_size,
-            length=prompt_width + args.max_new_tokens,
-            response_length=args.max_new_tokens,
-            vocab_size=results["pair"]["vocab_size"],
-            with_trl=not args.no_trl and trl_available(),
-            with_rss=args.rss_check,
-            device=device,
-        )
+        logger.info("Memory section: prompt widths %s", args.memory_prompt_widths)
+        results["memory"] = [
+            run_memory_section(
+                batch_size=args.batch_size,
+                length=width + args.max_new_tokens,
+                response_length=args.max_new_tokens,
+                vocab_size=results["pair"]["vocab_size"],
+                with_trl=not args.no_trl and trl_available(),
+                with_rss=args.rss_check,
+                device=device,
+            )
+            for width in args.memory_prompt_widths
+        ]
 
     results["duration_s"] = time.time() - started
     results["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None

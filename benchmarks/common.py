@@ -36,15 +36,14 @@ GPT2_SHAPES = {
 
 SHAPES = tuple(PRESET_PAIRS) + tuple(GPT2_SHAPES)
 
-# Dense bf16 tensor-core peak FLOP/s from NVIDIA's data sheets, matched against torch.cuda.get_device_name().
-# The first matching key wins, so the more specific names come first.
+# Dense bf16 tensor-core peak FLOP/s (NVIDIA's data sheet figures without sparsity), matched against
+# torch.cuda.get_device_name(). The first matching key wins, so the more specific names come first.
 PEAK_BF16_FLOPS = (
     ("H200", 989e12),
     ("H100 PCIe", 756e12),
     ("H100", 989e12),  # SXM
     ("A100", 312e12),
     ("L40S", 362e12),
-    ("L4", 121e12),
 )
 
 
@@ -129,7 +128,7 @@ def prompt_batches(tokenizer, batch_size: int, count: int, max_length: int, max_
     """The first `count` micro-batches that promptkd's trainer would form from the Dolly train prompts.
 
     They come from BatchPlan with length grouping (DistillConfig.group_by_length is on by default), so
-    each batch holds prompts of similar length. Each is {"input_ids", "attention_mask"} of shape (B, T), left-padded.
+    each batch contains prompts of similar length. Each is {"input_ids", "attention_mask"} of shape (B, T), left-padded.
     """
     records = dolly.load_split(dolly.SHIPPED_SOURCE, "train", limit=max(PROMPT_POOL, batch_size * count))
     max_prompt_tokens = max_length - max_new_tokens

@@ -297,8 +297,8 @@ def run_with_trl(pair: ModelPair, settings: KDSettings, device: torch.device, ba
             dataloader_num_workers=0,
             train_sampling_strategy="sequential",  # the dataset is already in promptkd's batch order
         )
-        # With mixed precision, accelerate wraps the teacher's forward in autocast and an fp32 output cast, which
-        # would also change promptkd's teacher calls, so TRL then gets its own copy; in fp32 it shares the teacher.
+        # With mixed precision, accelerate wraps the teacher's forward in autocast and an fp32 output cast. That
+        # would also change promptkd's teacher calls, so TRL then gets its own copy. In fp32 it shares the teacher.
         teacher = copy.deepcopy(pair.teacher) if settings.dtype != "fp32" else pair.teacher
         trainer = RecordingGKDTrainer(
             model=pair.fresh_student(),
@@ -325,7 +325,7 @@ def run_with_trl(pair: ModelPair, settings: KDSettings, device: torch.device, ba
 def _summarize(rounds: list[dict], with_trl: bool) -> dict:
     """Per-round spreads and paired per-round ratios, plus totals over all timed rounds.
 
-    The totals (all response tokens over all seconds) are the training throughput over the batches; they
+    The totals (all response tokens over all seconds) are the training throughput over the batches. They
     weight each round by its time, so the rounds with long prompts count most.
     """
     names = (("trl_gkd",) if with_trl else ()) + VARIANTS

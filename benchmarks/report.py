@@ -16,6 +16,7 @@ TARGET_SPEEDUP_VS_TRL = 1.5  # promptkd tokens/s over TRL's, at least
 TARGET_OVERHEAD = 1.10  # step time over the sum of its unavoidable model passes, at most
 TARGET_EVAL_SPEEDUP = 5.0  # batched over per-example greedy decoding, at least
 TARGET_MEMORY_RATIO = 0.25  # promptkd loss peak over the naive full-sequence loss peak, at most
+VERDICT_PROMPT_WIDTH = 128  # the memory target is judged at this prompt width (the ratio falls as prompts grow)
 
 STAGE_LABELS = {
     "generation": "student generation (sampling, KV cache)",
@@ -120,6 +121,7 @@ def _kd_lines(kd: dict) -> list[str]:
         )
     if kd.get("trl"):
         lines += ["", f"TRL generation settings as run: `{kd['trl']['generation_kwargs']}`."]
+    lines += ["", *_round_lines(kd)]
 
     lines += [
         "",
@@ -164,6 +166,35 @@ def _kd_lines(kd: dict) -> list[str]:
     return lines
 
 
+def _round_lines(kd: dict) -> list[str]:
+    """Build the per-round table: prompt width, step times and the per-round ratios."""
+    passes = ("generation", "teacher_forward", "prompted_teacher_forward_backward", "prompted_teacher_forward", "student_forward_backward")
+    with_trl = "trl_gkd" in kd["summary"]["variants"]
+    lines = [
+        "| round | prompt width | "
+        + ("TRL s | " if with_trl else "")
+        + "promptkd, prompt tuning off, s | PromptKD s | sum of passes s | "
+        + ("prompt tuning off vs TRL | " if with_trl else "")
+        + "PromptKD overhead |",
+    ]
+    columns = 6 + (2 if with_trl else 0)
+    lines.append("|" + "---:|" * columns)
+    for record in kd["rounds"][kd["settings"]["warmup"] :]:
+        baseline, full = record["promptkd_baseline"]["seconds"], record["promptkd_full"]["seconds"]
+        pass_sum = sum(record["passes"]["seconds"][name] for name in passes)
+        row = f"| {record['round']} | {record['prompt_width']} | "
+        if with_trl:
+            row += f"{_fmt(record['trl_gkd']['seconds'], 1)} | "
+        row += f"{_fmt(baseline, 1)} | {_fmt(full, 1)} | {_fmt(pass_sum, 1)} | "
+        if with_trl:
+            trl = record["trl_gkd"]
+            ratio = (record["promptkd_baseline"]["response_tokens"] / baseline) / (trl["response_tokens"] / trl["seconds"])
+            row += f"{_fmt(ratio)} | "
+        row += f"{_fmt(full / pass_sum, 3)} |"
+        lines.append(row)
+    return lines
+
+
 def _eval_lines(evaluation: dict) -> list[str]:
     speedup = evaluation["speedup"]
     lines = [
@@ -193,36 +224,38 @@ def _eval_lines(evaluation: dict) -> list[str]:
     return lines
 
 
-def _memory_lines(memory: dict) -> list[str]:
-    shape = memory["shape"]
-    variants = memory["variants"]
-    has_rss = any("rss_peak_growth_bytes" in values for values in variants.values())
-    labels = {
-        "promptkd": f"promptkd `kd_loss`, response logits (B={shape['batch_size']}, R={shape['response_length']}, V)",
-        "naive": f"naive fp32 log-softmax of both models, full sequence (B, T={shape['length']}, V)",
-        "trl_gkd": "TRL `generalized_jsd_loss`, beta=0, full sequence (B, T, V)",
-    }
+def _memory_lines(memories: list[dict]) -> list[str]:
+    first = memories[0]
+    has_rss = any("rss_peak_growth_bytes" in values for memory in memories for values in memory["variants"].values())
+    shape = first["shape"]
     lines = [
         "#### Loss memory",
         "",
         f"Peak tensor memory of the loss forward and backward, including the float32 logits of both models "
-        f"and the gradient of the student's, vocabulary V={shape['vocab_size']}. Measured with torch.profiler "
-        "(profile_memory=True) in this process"
-        + ("; the RSS column is the growth of the peak RSS (VmHWM) of a fresh subprocess per variant, a cross-check." if has_rss else "."),
+        f"and the gradient of the student's: B={shape['batch_size']}, R={shape['response_length']} response tokens, "
+        f"V={shape['vocab_size']}, T = prompt width + R. promptkd's `kd_loss` works on the response logits (B, R, V), the naive "
+        "float32 log-softmax of both models and TRL's `generalized_jsd_loss` (beta=0) on the full sequence (B, T, V). "
+        f"Measured with {'torch.profiler (profile_memory=True) in this process' if first.get('device', 'cpu') == 'cpu' else 'torch.cuda.max_memory_allocated'}"
+        + ("; the RSS columns are the growth of the peak RSS (VmHWM) of a fresh subprocess per variant, a cross-check." if has_rss else "."),
+        f"The target row is the {VERDICT_PROMPT_WIDTH}-token prompt.",
         "",
-        "| loss | peak MiB | logits MiB | loss working MiB | vs naive | target ≤ 0.25 |"
-        + (" RSS MiB | RSS vs naive |" if has_rss else ""),
-        "|---|---:|---:|---:|---:|---|" + ("---:|---:|" if has_rss else ""),
+        "| T (prompt + R) | loss | peak MiB | loss working MiB | vs naive | target ≤ 0.25 |" + (" RSS MiB | RSS vs naive |" if has_rss else ""),
+        "|---:|---|---:|---:|---:|---|" + ("---:|---:|" if has_rss else ""),
     ]
-    for name, values in variants.items():
-        verdict = _verdict(values["peak_vs_naive"], TARGET_MEMORY_RATIO, False) if name == "promptkd" else ""
-        row = (
-            f"| {labels[name]} | {_mib(values['peak_bytes'])} | {_mib(values['logits_bytes'])} | "
-            f"{_mib(values['loss_working_bytes'])} | {_fmt(values['peak_vs_naive'], 3)} | {verdict} |"
-        )
-        if has_rss:
-            row += f" {_mib(values.get('rss_peak_growth_bytes'))} | {_fmt(values.get('rss_vs_naive'), 3)} |"
-        lines.append(row)
+    labels = {"promptkd": "promptkd `kd_loss`", "naive": "naive full-sequence", "trl_gkd": "TRL `generalized_jsd_loss`"}
+    for memory in memories:
+        length = memory["shape"]["length"]
+        for name, values in memory["variants"].items():
+            verdict = ""
+            if name == "promptkd" and length - memory["shape"]["response_length"] == VERDICT_PROMPT_WIDTH:
+                verdict = _verdict(values["peak_vs_naive"], TARGET_MEMORY_RATIO, False)
+            row = (
+                f"| {length} | {labels[name]} | {_mib(values['peak_bytes'])} | {_mib(values['loss_working_bytes'])} | "
+                f"{_fmt(values['peak_vs_naive'], 3)} | {verdict} |"
+            )
+            if has_rss:
+                row += f" {_mib(values.get('rss_peak_growth_bytes'))} | {_fmt(values.get('rss_vs_naive'), 3)} |"
+            lines.append(row)
     return lines
 
 
@@ -279,8 +312,7 @@ def draw_chart(results: dict, path: Path) -> None:
                          [evaluation["per_example_s"]["median"], evaluation["batched_s"]["median"]],
                          "seconds", f"Greedy decoding, {evaluation['num_records']} prompts")
         elif panel == "memory":
-            variants = results["memory"]["variants"]
-            _simple_bars(axis, list(variants), [v["peak_bytes"] / 2**20 for v in variants.values()], "peak MiB", "KD loss memory (fp32)")
+            _memory_panel(axis, results["memory"])
     figure.suptitle(results["title"], fontsize=10)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -316,6 +348,17 @@ def _overhead_panel(axis, kd: dict) -> None:
     axis.set_ylabel("seconds (median)")
     axis.set_title("Step time vs its model passes", fontsize=9)
     axis.legend(fontsize=6, loc="lower center")
+
+
+def _memory_panel(axis, memories: list[dict]) -> None:
+    """Peak MiB of each loss against T, one line per loss."""
+    lengths = [memory["shape"]["length"] for memory in memories]
+    for name in memories[0]["variants"]:
+        axis.plot(lengths, [memory["variants"][name]["peak_bytes"] / 2**20 for memory in memories], marker="o", label=name)
+    axis.set_xlabel("T = prompt + response tokens")
+    axis.set_ylabel("peak MiB")
+    axis.set_title("KD loss memory (fp32, forward + backward)", fontsize=9)
+    axis.legend(fontsize=7)
 
 
 def _simple_bars(axis, labels: list[str], values: list[float], ylabel: str, title: str) -> None:

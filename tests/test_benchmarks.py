@@ -32,7 +32,7 @@ def run_bench(tmp_path: Path, *args: str) -> dict:
 
 
 def test_bench_tiny_writes_all_sections(tmp_path):
-    results = run_bench(tmp_path, "--shapes", "tiny", *SMALL, "--eval-records", "4", "--eval-batch-size", "2", "--no-bertscore")
+    results = run_bench(tmp_path, "--shapes", "tiny", *SMALL, "--eval-records", "4", "--eval-batch-size", "2", "--no-bertscore", "--memory-prompt-widths", "8,16")
 
     kd = results["kd"]
     variants = kd["summary"]["variants"]
@@ -58,10 +58,12 @@ def test_bench_tiny_writes_all_sections(tmp_path):
     assert evaluation["identical"] is True
     assert evaluation["batched_s"]["median"] > 0
 
-    memory = results["memory"]["variants"]
-    assert memory["naive"]["peak_vs_naive"] == 1.0
-    assert memory["promptkd"]["peak_bytes"] > memory["promptkd"]["logits_bytes"]
-    assert ("trl_gkd" in memory) == HAS_TRL
+    assert [memory["shape"]["length"] for memory in results["memory"]] == [12, 20]
+    for memory in results["memory"]:
+        variants = memory["variants"]
+        assert variants["naive"]["peak_vs_naive"] == 1.0
+        assert variants["promptkd"]["peak_bytes"] > variants["promptkd"]["logits_bytes"]
+        assert ("trl_gkd" in variants) == HAS_TRL
 
     markdown = (tmp_path / "benchmarks.md").read_text(encoding="utf-8")
     assert "<!-- BEGIN GENERATED: smoke -->" in markdown

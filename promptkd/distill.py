@@ -242,8 +242,8 @@ class Distiller:
         grad_norm = 0.0
         if finite:
             grad_norm = clip_and_norm(parameters, self.config.max_grad_norm)
-            # A NaN or inf gradient makes the norm non-finite, so the per-parameter check runs only then. It tells
-            # such a gradient (which clipping turned into NaN) from a norm that overflowed on finite gradients.
+            # A NaN or inf gradient makes the norm non-finite, so the per-parameter check runs only then. It
+            # distinguishes such a gradient (which clipping turned into NaN) from a norm that overflowed.
             finite = math.isfinite(grad_norm) or grads_finite(parameters)
         if finite:
             optimizer.step()

@@ -322,7 +322,7 @@ def kd_loss(
 
     The per-token terms are computed KD_CHUNK_ELEMENTS logits at a time. When the student logits need a
     gradient, each chunk's backward runs right after its forward and only the gradient rows (N, V) are kept,
-    so besides the logits the peak holds one float32 gradient-sized buffer and one chunk of temporaries.
+    so besides the logits the peak memory is one float32 gradient-sized buffer and one chunk of temporaries.
 
     Args:
         student_logits: (..., V) student logits; gradients flow through them.

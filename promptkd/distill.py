@@ -164,7 +164,7 @@ class Distiller:
             self.schedulers["prompt"] = self.prompt_scheduler
 
     def step(self, batches: list[dict], step: int) -> tuple[dict, bool]:
-        """One optimizer step over the micro-batches. Returns (metrics, finite)."""
+        """Run one optimizer step over the micro-batches and return (metrics, finite)."""
         config = self.config
         ctx = StepContext.from_config(config, step=step, total_steps=self.total_steps)
         reg_weight = regularizer_weight(step, self.total_steps)
@@ -363,7 +363,7 @@ def _save(run: Run, accelerator, distiller: Distiller, loop: LoopState) -> None:
 
 
 def _probe_batch(config: DistillConfig, tokenizer) -> Optional[list]:
-    """The first `probe_size` validation records, used unchanged at every probe."""
+    """Return the first `probe_size` validation records, used unchanged at every probe."""
     try:
         records = dolly.load_split(config.dataset, "validation", limit=config.probe_size)
     except ValueError as error:

@@ -120,7 +120,7 @@ def token_report(
 
 
 def format_report(report: dict) -> str:
-    """A fixed-width text table of a token report, for the CLI."""
+    """Format a token report as a fixed-width text table for the CLI."""
     lines = [
         f"Teacher top-k={report['top_k']} top-p={report['top_p']:.3f}, |V|={report['vocab_size']}, "
         f"mean alpha={sum(report['alpha']) / max(len(report['alpha']), 1):.3f}",

@@ -68,7 +68,7 @@ def make_accelerator(config) -> Accelerator:
 
 
 def agree_run_name(config, command: str, accelerator: Accelerator) -> None:
-    """Make every process use the main process's run name (a generated name holds a timestamp)."""
+    """Make every process use the main process's run name (a generated name contains a timestamp)."""
     if config.run_name is None and accelerator.is_main_process:
         from datetime import datetime, timezone
 
@@ -332,7 +332,7 @@ def parameter_checksum(model, extra_tensors: Optional[dict] = None) -> str:
 
 
 def describe_error(error: BaseException) -> str:
-    """One line for status.json; out-of-memory errors get a hint."""
+    """Return a one-line error for status.json, with a hint for out-of-memory errors."""
     text = f"{type(error).__name__}: {error}".strip()
     if isinstance(error, torch.OutOfMemoryError) or "out of memory" in text.lower():
         text += " (out of memory: lower per_device_batch_size or max_length, or use mixed_precision=bf16)"

@@ -1,11 +1,14 @@
 """Before/after comparison of promptkd's loss and batched generation against a git revision.
 
-    python -m benchmarks.ab_versions --ref HEAD --threads 1
+    python -m benchmarks.ab_versions --ref db13f6b~1 --threads 1
 
-The "before" code is `promptkd/losses.py` and `promptkd/generation.py` as stored at `--ref`, loaded
-as separate modules next to the working tree's. Old and new run alternately in one process:
+The "before" code is `promptkd/losses.py` and `promptkd/generation.py` as stored at `--ref` (a
+commit before the change), loaded as separate modules next to the working tree's. Old and new run
+alternately in one process:
   - kd_loss (strategy baseline) forward and backward on random float32 logits (B, R, V): peak tensor
     memory (torch.profiler) and median time,
+  - the gradient checks of Distiller._apply on finite gradients: isfinite per parameter plus clipping
+    before, clipping alone after,
   - generate_greedy with batch 16 on the first Dolly test records with the untrained SmolLM2 student,
     against the per-example generate loop, with the outputs of all three checked for equality.
 The results JSON goes to benchmarks/results/ab-<ref>.json and a generated block to docs/benchmarks.md.
@@ -23,6 +26,7 @@ import argparse  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
+import math  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -37,6 +41,7 @@ from benchmarks.evaluation import generate_one_by_one  # noqa: E402
 from promptkd import data as dolly  # noqa: E402
 from promptkd import generation, losses  # noqa: E402
 from promptkd.models import load_model_and_tokenizer  # noqa: E402
+from promptkd.training import clip_and_norm, grads_finite  # noqa: E402
 
 logger = logging.getLogger("benchmarks.ab_versions")
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,6 +85,21 @@ def compare_loss(old, new, batch_size: int, response_length: int, vocab_size: in
     return result
 
 
+def compare_gradient_checks(model, repeats: int) -> dict:
+    """Seconds of Distiller._apply's checks on finite gradients: per-parameter isfinite and clipping (before)
+    against clipping alone, whose finite norm now makes the per-parameter check unnecessary (after)."""
+    parameters = list(model.parameters())
+    for parameter in parameters:
+        parameter.grad = torch.full_like(parameter, 1e-3)
+    cpu = torch.device("cpu")
+    times = {"before": [], "after": []}
+    for _ in range(repeats):
+        times["before"].append(timed(lambda: grads_finite(parameters) and clip_and_norm(parameters, 0.5), cpu)[1])
+        times["after"].append(timed(lambda: math.isfinite(clip_and_norm(parameters, 0.5)), cpu)[1])
+    model.zero_grad(set_to_none=True)
+    return {"parameters": sum(p.numel() for p in parameters), "before_s": spread(times["before"]), "after_s": spread(times["after"])}
+
+
 def compare_generation(old, new, model, tokenizer, num_records: int, max_new_tokens: int) -> dict:
     """Seconds of batched greedy decoding before and after, and of the per-example loop."""
     records = dolly.load_split(dolly.SHIPPED_SOURCE, "test", limit=num_records)
@@ -103,7 +123,7 @@ def compare_generation(old, new, model, tokenizer, num_records: int, max_new_tok
 
 
 def render_block(results: dict) -> str:
-    loss, gen = results["loss"], results["generation"]
+    loss, gen, checks = results["loss"], results["generation"], results["gradient_checks"]
     mib = 2**20
     lines = [
         f"### Before/after: working tree against `{results['ref']}` ({results['ref_commit'][:10]})",
@@ -119,6 +139,9 @@ def render_block(results: dict) -> str:
         f"{loss['after_peak_bytes'] / loss['before_peak_bytes']:.2f} |",
         f"| kd_loss forward + backward time, median of {loss['before_s']['n']} (s) | {loss['before_s']['median']:.3f} | "
         f"{loss['after_s']['median']:.3f} | {loss['time_ratio']['median']:.2f} |",
+        f"| gradient checks of one student update, {checks['parameters'] / 1e6:.0f} M parameters, median (s) | "
+        f"{checks['before_s']['median']:.3f} | {checks['after_s']['median']:.3f} | "
+        f"{checks['after_s']['median'] / checks['before_s']['median']:.2f} |",
         f"| generate_greedy, batch 16, {gen['num_records']} test prompts (s) | {gen['seconds']['before']:.1f} | "
         f"{gen['seconds']['after']:.1f} | {gen['seconds']['after'] / gen['seconds']['before']:.2f} |",
         f"| speed-up over the per-example loop ({gen['seconds']['per_example']:.1f} s) | {gen['speedup_before']:.2f}× | "
@@ -131,7 +154,7 @@ def render_block(results: dict) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Compare kd_loss and generate_greedy of the working tree with a git revision.")
-    parser.add_argument("--ref", default="HEAD", help="git revision with the 'before' code.")
+    parser.add_argument("--ref", required=True, help="git revision with the 'before' code, e.g. db13f6b~1.")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
     parser.add_argument("--loss-repeats", type=int, default=7, help="Timed kd_loss runs of each version.")
     parser.add_argument("--eval-records", type=int, default=32, help="Dolly test prompts decoded by each version.")
@@ -158,11 +181,12 @@ def main(argv=None) -> None:
         vocab_size = student.get_output_embeddings().weight.shape[0]
         logger.info("Comparing kd_loss")
         results["loss"] = compare_loss(old_losses, losses, 4, 32, vocab_size, args.loss_repeats)
+        results["gradient_checks"] = compare_gradient_checks(student, args.loss_repeats)
         logger.info("Comparing generate_greedy on %d records", args.eval_records)
         results["generation"] = compare_generation(old_generation, generation, student, tokenizer, args.eval_records, 32)
 
     args.results_dir.mkdir(parents=True, exist_ok=True)
-    name = f"ab-{args.ref}".replace("/", "_")
+    name = f"ab-{commit[:10]}"
     (args.results_dir / f"{name}.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
     report.update_markdown(args.markdown, name, render_block(results))
     logger.info("Wrote %s and the block %s in %s", args.results_dir / f"{name}.json", name, args.markdown)

@@ -125,7 +125,7 @@ PROMPT_POOL = 512
 
 
 def prompt_batches(tokenizer, batch_size: int, count: int, max_length: int, max_new_tokens: int, seed: int = 0) -> list[dict]:
-    """The first `count` micro-batches that promptkd's trainer would form from the Dolly train prompts.
+    """Return the first `count` micro-batches that promptkd's trainer would form from the Dolly train prompts.
 
     They come from BatchPlan with length grouping (DistillConfig.group_by_length is on by default), so
     each batch contains prompts of similar length. Each is {"input_ids", "attention_mask"} of shape (B, T), left-padded.

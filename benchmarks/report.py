@@ -95,12 +95,13 @@ def _kd_lines(kd: dict) -> list[str]:
     lines = [
         "#### On-policy KD step throughput",
         "",
-        f"Batches of {settings['batch_size']} Dolly train prompts as promptkd's trainer forms them (grouped by length), "
-        f"padded prompt widths {', '.join(map(str, widths))} tokens in the {settings['repeats']} timed rounds "
-        f"(after {settings['warmup']} warm-up round(s)); {settings['max_new_tokens']} new tokens sampled at temperature "
-        "1.0; forward KL. Tokens/s counts sampled response tokens (up to and including the first EOS) per second "
-        "of a full optimizer step. \"All rounds\" is total tokens over total seconds, the training throughput over "
-        "these batches; the per-round columns give the median and range of each round's own value.",
+        f"Each round trains on one batch of {settings['batch_size']} Dolly train prompts, formed as promptkd's trainer "
+        f"forms them (grouped by length). The padded prompt widths of the {settings['repeats']} timed rounds were "
+        f"{', '.join(map(str, widths))} tokens, after {settings['warmup']} warm-up round(s). Each step samples "
+        f"{settings['max_new_tokens']} new tokens at temperature 1.0 and uses the forward KL. Tokens/s counts sampled "
+        "response tokens (up to and including the first EOS) per second of a full optimizer step. \"All rounds\" is "
+        "total tokens over total seconds, the training throughput over these batches. The per-round columns give "
+        "the median and range of each round's own value.",
         "",
         "| trainer | s/step, median (min–max) | tokens/s, all rounds | tokens/s per round | vs TRL, all rounds | "
         "vs TRL per round | target ≥ 1.5× |",
@@ -148,10 +149,11 @@ def _kd_lines(kd: dict) -> list[str]:
         "",
         "#### Stages",
         "",
-        "Medians over the timed rounds. Model FLOPs count 2 per parameter and position for a forward pass "
-        "(decoder layers on every position, the output head only where it runs), 4 for the frozen teacher's "
-        f"forward + backward and 6 for the student's; attention score FLOPs are left out. MFU: {mfu_text}. "
-        "Peak memory: tensor memory allocated by the stage, from one extra run after the timed rounds.",
+        "Medians over the timed rounds. Model FLOPs count 2 per parameter and position for a forward pass, "
+        "with the decoder layers on every position and the output head only where it runs. The frozen teacher's "
+        "forward + backward counts 4 and the student's 6. Attention score FLOPs are left out. "
+        f"MFU: {mfu_text}. Peak memory is the tensor memory allocated by the stage, from one extra run after the "
+        "timed rounds.",
         "",
         "| stage | s | response tokens/s | model GFLOP | achieved TFLOP/s | MFU | peak memory MiB |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -337,17 +339,20 @@ def _bar_panel(axis, variants: dict, ylabel: str, title: str) -> None:
 
 
 def _overhead_panel(axis, kd: dict) -> None:
-    """Stacked median pass times next to the median full step time."""
-    stages = {row["stage"]: row["seconds"] for row in kd["stages"]}
+    """Pass times summed over the timed rounds, stacked, next to the summed PromptKD step times."""
+    rounds = kd["rounds"][kd["settings"]["warmup"] :]
     passes = ["generation", "teacher_forward", "prompted_teacher_forward_backward", "prompted_teacher_forward", "student_forward_backward"]
     bottom = 0.0
     for stage in passes:
-        axis.bar(["sum of passes"], [stages[stage]], bottom=[bottom], label=stage.replace("_", " "))
-        bottom += stages[stage]
-    axis.bar(["PromptKD step"], [stages["promptkd_full"]], color="#55a868")
-    axis.set_ylabel("seconds (median)")
+        total = sum(r["passes"]["seconds"][stage] for r in rounds)
+        axis.bar(["sum of passes"], [total], bottom=[bottom], label=stage.replace("_", " "))
+        bottom += total
+    steps = sum(r["promptkd_full"]["seconds"] for r in rounds)
+    axis.bar(["PromptKD steps"], [steps], color="#55a868")
+    axis.set_ylim(0, 1.5 * max(steps, bottom))  # room for the legend above the bars
+    axis.set_ylabel("seconds, all timed rounds")
     axis.set_title("Step time vs its model passes", fontsize=9)
-    axis.legend(fontsize=6, loc="lower center")
+    axis.legend(fontsize=6, loc="upper left")
 
 
 def _memory_panel(axis, memories: list[dict]) -> None:

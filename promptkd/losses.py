@@ -321,8 +321,8 @@ def kd_loss(
     """Distillation loss of the student toward the (filtered, blended) teacher, weighted per token.
 
     The per-token terms are computed KD_CHUNK_ELEMENTS logits at a time. When the student logits need a
-    gradient, each chunk's backward runs right after its forward and only the gradient rows (N, V) are kept,
-    so besides the logits the peak memory is one float32 gradient-sized buffer and one chunk of temporaries.
+    gradient, each chunk's backward runs right after its forward and only the gradient rows (N, V) are kept.
+    Besides the logits, the peak memory is then one float32 gradient-sized buffer and one chunk of temporaries.
 
     Args:
         student_logits: (..., V) student logits; gradients flow through them.

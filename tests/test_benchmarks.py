@@ -133,9 +133,9 @@ def test_kd_loss_chunks_match_one_chunk(monkeypatch, spec, direction):
         outputs.append(output)
         grads.append(logits.grad)
 
-    one, chunked = outputs
-    assert torch.equal(one.loss, chunked.loss)
-    assert one.stats == chunked.stats
-    for key in one.per_token:
-        torch.testing.assert_close(one.per_token[key], chunked.per_token[key], rtol=0, atol=0, equal_nan=True)
+    single, chunked = outputs
+    assert torch.equal(single.loss, chunked.loss)
+    assert single.stats == chunked.stats
+    for key in single.per_token:
+        torch.testing.assert_close(single.per_token[key], chunked.per_token[key], rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)

@@ -277,7 +277,7 @@ def run_with_trl(pair: ModelPair, settings: KDSettings, device: torch.device, ba
             warmup_steps=int(round(config.warmup_ratio * len(batches))),  # as promptkd's make_optimizer
             lr_scheduler_type="linear",
             max_grad_norm=config.max_grad_norm,
-            optim="adamw_torch",  # the optimizer promptkd uses
+            optim="adamw_torch_fused",  # the default of transformers, and the AdamW kernel promptkd uses on CPU and CUDA
             # TRL's SFTConfig turns activation (gradient) checkpointing on by default, and GKDTrainer then samples
             # without the KV cache. promptkd uses neither, so it is off here.
             activation_checkpointing=False,

@@ -172,7 +172,8 @@ class Distiller:
         started = time.perf_counter()
 
         # 1. Pseudo-targets from the student.
-        rollouts = [sample_rollout(self.student, self.tokenizer, batch, config) for batch in batches]
+        with self.accelerator.autocast():  # sampling runs in the precision of the training passes
+            rollouts = [sample_rollout(self.student, self.tokenizer, batch, config) for batch in batches]
         total_tokens = sum(rollout.num_tokens for rollout in rollouts) or 1
 
         # 2. Soft prompt update toward the student, regularised toward the unprompted teacher.

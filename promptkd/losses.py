@@ -311,6 +311,36 @@ def _token_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, ctx
     return terms
 
 
+def _rowwise_terms(logits: torch.Tensor, grad_key: str, compute: Callable) -> dict:
+    """Per-token terms of logits (N, V), computed KD_CHUNK_ELEMENTS logits at a time.
+
+    compute(rows, logits_rows) returns a dict of (n,) tensors for the rows `rows`; only terms[grad_key] may
+    depend on logits_rows with a gradient. When logits need a gradient, each chunk's backward runs right
+    after its forward and only the float32 gradient rows (N, V) are kept, so the temporaries of one chunk are
+    alive at a time. The returned terms[grad_key] carries that gradient to logits; the others are detached.
+    """
+    num_tokens, vocab_size = logits.shape
+    needs_grad = torch.is_grad_enabled() and logits.requires_grad
+    rows_per_chunk = max(1, KD_CHUNK_ELEMENTS // max(vocab_size, 1))
+    row_grads = torch.empty((num_tokens, vocab_size), dtype=torch.float32, device=logits.device) if needs_grad else None
+
+    chunks = []
+    for start in range(0, max(num_tokens, 1), rows_per_chunk):
+        rows = slice(start, start + rows_per_chunk)
+        logits_rows = logits[rows].detach()
+        if needs_grad:
+            logits_rows = logits_rows.float().requires_grad_()
+        with torch.set_grad_enabled(needs_grad):
+            terms = compute(rows, logits_rows)
+        if needs_grad:
+            (row_grads[rows],) = torch.autograd.grad(terms[grad_key].sum(), logits_rows)
+        chunks.append({key: value.detach() for key, value in terms.items()})
+    terms = {key: torch.cat([chunk[key] for chunk in chunks]) for key in chunks[0]}
+    if needs_grad:
+        terms[grad_key] = _PrecomputedRowGradients.apply(logits, terms[grad_key], row_grads)
+    return terms
+
+
 def kd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -335,28 +365,10 @@ def kd_loss(
         LossOutput with loss = sum_t w_t * KL_t * mask_t / sum_t mask_t.
     """
     student_logits, teacher_logits, mask = _flatten(student_logits, teacher_logits.detach(), mask)
-    num_tokens, vocab_size = student_logits.shape
-    needs_grad = torch.is_grad_enabled() and student_logits.requires_grad
-    rows_per_chunk = max(1, KD_CHUNK_ELEMENTS // max(vocab_size, 1))
-    row_grads = torch.empty((num_tokens, vocab_size), dtype=torch.float32, device=student_logits.device) if needs_grad else None
-
-    chunks = []
-    for start in range(0, max(num_tokens, 1), rows_per_chunk):
-        rows = slice(start, start + rows_per_chunk)
-        student_rows = student_logits[rows].detach()
-        if needs_grad:
-            student_rows = student_rows.float().requires_grad_()
-        with torch.set_grad_enabled(needs_grad):
-            terms = _token_terms(student_rows, teacher_logits[rows], ctx, strategy)
-        if needs_grad:
-            (row_grads[rows],) = torch.autograd.grad(terms["kl"].sum(), student_rows)
-            terms["kl"] = terms["kl"].detach()
-        chunks.append(terms)
-    terms = {key: torch.cat([chunk[key] for chunk in chunks]) for key in chunks[0]}
-
-    kl = terms["kl"]  # (N,)
-    if needs_grad:
-        kl = _PrecomputedRowGradients.apply(student_logits, kl, row_grads)
+    terms = _rowwise_terms(
+        student_logits, "kl", lambda rows, student_rows: _token_terms(student_rows, teacher_logits[rows], ctx, strategy)
+    )
+    kl = terms["kl"]  # (N,), carries the gradient to student_logits
     teacher_entropy, alpha = terms["teacher_entropy"], terms["alpha"]
     kept_size, fallback = terms["kept_size"], terms["fallback"]
     if strategy.weighting == "entropy":
@@ -496,6 +508,9 @@ def prompt_loss(
 ) -> LossOutput:
     """Soft prompt objective KL(p_T^P || p_S) + reg_weight * KL(p_T^P || p_T^0), averaged over tokens.
 
+    Like kd_loss, it works KD_CHUNK_ELEMENTS logits at a time and keeps only the gradient rows of the
+    prompted teacher's logits.
+
     Args:
         prompted_teacher_logits: (..., V) teacher logits with the soft prompt; gradients flow to the prompt.
         student_logits: (..., V) student logits, detached here.
@@ -505,16 +520,21 @@ def prompt_loss(
     """
     prompted, student, mask = _flatten(prompted_teacher_logits, student_logits.detach(), mask)
     teacher = teacher_logits.detach().reshape(prompted.shape)
-    prompted_log_probs = safe_log_softmax(prompted)
-    prompted_probs = prompted_log_probs.exp()
 
-    def kl_from_prompted(other_logits: torch.Tensor) -> torch.Tensor:
-        other_log_probs = safe_log_softmax(other_logits)
-        terms = torch.where(prompted_probs > 0, prompted_probs * (prompted_log_probs - other_log_probs), torch.zeros_like(prompted_probs))
-        return terms.sum(dim=-1)  # (N,)
+    def token_terms(rows: slice, prompted_rows: torch.Tensor) -> dict:
+        prompted_log_probs = safe_log_softmax(prompted_rows)  # (n, V) float32
+        prompted_probs = prompted_log_probs.exp()
 
-    kl_student = masked_mean(kl_from_prompted(student), mask)
-    kl_teacher = masked_mean(kl_from_prompted(teacher), mask)
-    loss = kl_student + reg_weight * kl_teacher
+        def kl_from_prompted(other_logits: torch.Tensor) -> torch.Tensor:
+            other_log_probs = safe_log_softmax(other_logits)
+            zero = torch.zeros_like(prompted_probs)
+            return torch.where(prompted_probs > 0, prompted_probs * (prompted_log_probs - other_log_probs), zero).sum(dim=-1)
+
+        kl_student, kl_teacher = kl_from_prompted(student[rows]), kl_from_prompted(teacher[rows])  # (n,)
+        return {"objective": kl_student + reg_weight * kl_teacher, "kl_student": kl_student, "kl_teacher": kl_teacher}
+
+    terms = _rowwise_terms(prompted, "objective", token_terms)
+    loss = masked_mean(terms["objective"], mask)
+    kl_student, kl_teacher = masked_mean(terms["kl_student"], mask), masked_mean(terms["kl_teacher"], mask)
     stats = {"prompt_kl_student": kl_student.item(), "prompt_kl_teacher": kl_teacher.item(), "reg_weight": reg_weight}
     return LossOutput(loss=loss, stats=stats, per_token={})

@@ -31,6 +31,34 @@ def run_bench(tmp_path: Path, *args: str) -> dict:
     return json.loads((tmp_path / "smoke.json").read_text(encoding="utf-8"))
 
 
+def test_ab_versions_tiny_writes_its_block(tmp_path):
+    # HEAD as "before": the tool runs both versions of every section except the slow greedy decoding loop.
+    command = [
+        sys.executable, "-m", "benchmarks.ab_versions", "--ref", "HEAD", "--pair", "tiny", "--threads", "1",
+        "--sections", "kd_loss,prompt_loss,gradient_checks,optimizer,sampling", "--loss-repeats", "1", "--sampling-repeats", "1",
+        "--results-dir", str(tmp_path), "--markdown", str(tmp_path / "benchmarks.md"),
+    ]
+    completed = subprocess.run(command, cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    (results_file,) = tmp_path.glob("ab-*.json")
+    results = json.loads(results_file.read_text(encoding="utf-8"))
+    for name in ("kd_loss", "prompt_loss"):
+        assert results[name]["before_peak_bytes"] > 0 and results[name]["after_peak_bytes"] > 0
+    assert results["optimizer"]["fused_after"] is True
+    assert results["sampling"]["tokens"]["before"] > 0 and results["sampling"]["tokens"]["after"] > 0
+    assert "generation" not in results
+    page = (tmp_path / "benchmarks.md").read_text(encoding="utf-8")
+    assert f"BEGIN GENERATED: {results_file.stem}" in page
+    assert "prompt_loss forward + backward peak memory" in page and "AdamW update" in page and "student sampling" in page
+
+
+def test_ab_versions_rejects_unknown_section():
+    command = [sys.executable, "-m", "benchmarks.ab_versions", "--ref", "HEAD", "--sections", "kd_loss,speed"]
+    completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 2
+    assert "speed" in completed.stderr and "prompt_loss" in completed.stderr
+
+
 def test_bench_tiny_writes_all_sections(tmp_path):
     results = run_bench(tmp_path, "--shapes", "tiny", *SMALL, "--eval-records", "4", "--eval-batch-size", "2", "--no-bertscore", "--memory-prompt-widths", "8,16")
 

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from promptkd import losses
 from promptkd.config import ConfigError
 from promptkd.losses import (
     STRATEGIES,
@@ -234,6 +235,28 @@ def test_prompt_loss_gradient_reaches_prompted_logits_only():
     assert student.grad is None
     assert teacher.grad is None
 
+
+
+@pytest.mark.parametrize("chunk_elements", [2**20, 3])  # one chunk, then one row of 3 logits per chunk
+def test_prompt_loss_gradient_matches_hand(monkeypatch, chunk_elements):
+    # d KL(p || q) / d z_j = p_j * (log p_j - log q_j - KL(p || q)) for p = softmax(z); masked rows get 0.
+    monkeypatch.setattr(losses, "KD_CHUNK_ELEMENTS", chunk_elements)
+    prompted = [[1.0, 0.0, -1.0], [0.0, 2.0, 1.0], [3.0, 0.0, 0.0]]
+    student = [[0.0, 1.0, 0.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]]
+    unprompted = [[0.5, 0.0, 0.0], [0.0, 1.0, 1.0], [0.0, 0.0, 2.0]]
+    mask = [1, 1, 0]
+    reg = 0.5
+    expected = []
+    for z, s, t, m in zip(prompted, student, unprompted, mask):
+        p, q_s, q_t = softmax(z), softmax(s), softmax(t)
+        kl_s, kl_t = kl(p, q_s), kl(p, q_t)
+        expected.append([
+            m / sum(mask) * p[j] * ((math.log(p[j] / q_s[j]) - kl_s) + reg * (math.log(p[j] / q_t[j]) - kl_t))
+            for j in range(3)
+        ])
+    logits = torch.tensor(prompted, requires_grad=True)
+    prompt_loss(logits, torch.tensor(student), torch.tensor(unprompted), torch.tensor(mask), reg).loss.backward()
+    torch.testing.assert_close(logits.grad, torch.tensor(expected), rtol=1e-5, atol=1e-7)
 
 @pytest.mark.parametrize("step, expected", [(0, 1.0), (25, 0.75), (100, 0.0), (120, 0.0)])
 def test_regularizer_weight_decays_linearly(step, expected):

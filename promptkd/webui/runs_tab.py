@@ -8,6 +8,7 @@ from typing import Optional
 
 import gradio as gr
 
+from promptkd.report import ReportError, build_report, load_eval_run, report_markdown
 from promptkd.runs import read_json, read_jsonl
 from promptkd.webui.common import (
     METRIC_PANELS,
@@ -28,6 +29,9 @@ RUN_HEADERS = [
 LEADERBOARD_HEADERS = ["model", "evaluation run", "split", "prompts", "EM", "ROUGE-L", "BERTScore", "BERTScore model"]
 # Settings left out of the config differences: they differ between any two runs by design.
 DIFF_IGNORED = ("run_name", "output_dir", "resume")
+DIFFERENCE_HEADERS = ["method", "metric", "difference", "interval low", "interval high", "p-value", "interval excludes 0"]
+# The baseline the report picks by default: the pipeline's labels for the baseline strategy and the SFT student.
+DEFAULT_BASELINES = ("PromptKD baseline", "SFT student")
 EVAL_SPLITS = ["test", "validation"]
 EVAL_BERTSCORE = ["offline", "none"]
 
@@ -122,6 +126,30 @@ def config_diff(runs: list[dict]) -> tuple[list[str], list[list]]:
     return headers, rows
 
 
+def evaluation_run_names(runs: list[dict]) -> list[str]:
+    """Return the names of completed evaluation runs, whose per-prompt scores a significance report can combine."""
+    return [run["name"] for run in runs if run["command"] == "evaluate" and run["state"] == "completed" and run["results"]]
+
+
+def default_baseline(labels: list[str]) -> Optional[str]:
+    for label in DEFAULT_BASELINES:
+        if label in labels:
+            return label
+    return labels[0] if labels else None
+
+
+def difference_rows(report: dict) -> list[list]:
+    """One row per method other than the baseline and per metric: the bootstrap difference and its interval."""
+    rows = []
+    for entry in report["methods"]:
+        for metric, comparison in (entry["vs_baseline"] or {}).items():
+            rows.append([
+                entry["label"], metric, round(comparison["diff"], 4), round(comparison["ci_low"], 4),
+                round(comparison["ci_high"], 4), round(comparison["p_value"], 4), bool(comparison["significant"]),
+            ])
+    return rows
+
+
 def public_runs(runs: list[dict]) -> list[dict]:
     return [{key: value for key, value in run.items() if key not in ("config",)} for run in runs]
 
@@ -139,6 +167,24 @@ def create_runs_tab(ctx: AppContext) -> dict:
         metric = gr.Dropdown([key for key, _ in METRIC_PANELS], value="loss", label="Metric", scale=1)
     overlay = gr.Plot(label="Overlaid curves", elem_id="runs-overlay-plot")
     diff = gr.Dataframe(label="Settings that differ", interactive=False, wrap=True)
+
+    gr.Markdown(
+        "### Significance over seeds\n"
+        "Pick the evaluation runs of several seeds (for example `<prefix>-s1-eval`, `<prefix>-s2-eval` of "
+        "`python -m promptkd pipeline --seeds 1 2 3`). The report gives mean ± std over the runs and, for each method "
+        "against the baseline, a paired bootstrap over the prompts: the difference, its 95% interval and a p-value. "
+        "`*` marks an interval that excludes 0."
+    )
+    with gr.Row():
+        report_runs = gr.Dropdown(
+            evaluation_run_names(collect_runs(ctx)), multiselect=True, allow_custom_value=True, label="Evaluation runs (one per seed)",
+            elem_id="runs-report-runs", scale=3,
+        )
+        report_baseline = gr.Dropdown([], value=None, allow_custom_value=True, label="Baseline method", elem_id="runs-report-baseline", scale=2)
+        report_resamples = gr.Number(value=1000, precision=0, minimum=100, label="Bootstrap resamples", scale=1)
+    report_button = gr.Button("Build report", elem_id="runs-report-build")
+    report_text = gr.Markdown(elem_id="runs-report-markdown")
+    report_table = gr.Dataframe(headers=DIFFERENCE_HEADERS, label="Differences from the baseline", interactive=False, elem_id="runs-report-table")
 
     actions: dict = {}
     if not ctx.spaces:
@@ -159,7 +205,10 @@ def create_runs_tab(ctx: AppContext) -> dict:
     def refresh():
         runs = collect_runs(ctx)
         names = [run["name"] for run in runs]
-        updates = [run_rows(runs), leaderboard_rows(runs), gr.Dropdown(choices=names), public_runs(runs)]
+        updates = [
+            run_rows(runs), leaderboard_rows(runs), gr.Dropdown(choices=names), public_runs(runs),
+            gr.Dropdown(choices=evaluation_run_names(runs)),
+        ]
         if not ctx.spaces:
             updates.append(gr.Dropdown(choices=names))
         return tuple(updates)
@@ -175,6 +224,38 @@ def create_runs_tab(ctx: AppContext) -> dict:
         curves = {name: read_jsonl(Path(runs[name]["folder"]) / "metrics.jsonl") for name in names}
         headers, rows = config_diff([runs[name] for name in names])
         return overlay_figure(curves, key), gr.Dataframe(value=rows, headers=headers)
+
+    def _load_evaluations(names) -> list:
+        names = [name for name in (names or []) if name]
+        known = {run["name"]: run for run in collect_runs(ctx)}
+        loaded = []
+        for name in names:
+            if name not in known:
+                raise gr.Error(f"Evaluation run {name!r} not found under {ctx.paths.runs}: refresh the list and select again.")
+            try:
+                loaded.append(load_eval_run(Path(known[name]["folder"])))
+            except ReportError as error:
+                raise gr.Error(str(error)) from error
+        return loaded
+
+    def report_choices(names):
+        loaded = _load_evaluations(names)
+        labels = loaded[0].labels if loaded else []
+        return gr.Dropdown(choices=labels, value=default_baseline(labels))
+
+    def build_significance(names, baseline, resamples):
+        loaded = _load_evaluations(names)
+        if not loaded:
+            raise gr.Error("No evaluation run selected: pick the evaluation runs of one or more seeds.")
+        resamples = int(resamples or 0)
+        if resamples < 100:
+            raise gr.Error(f"Bootstrap resamples = {resamples} is too few: use 100 or more (1000 is the default).")
+        baseline = baseline or default_baseline(loaded[0].labels)
+        try:
+            report = build_report(loaded, baseline, num_resamples=resamples)
+        except ReportError as error:
+            raise gr.Error(str(error)) from error
+        return report_markdown(report), difference_rows(report)
 
     def _path(name) -> Path:
         name = (name or "").strip()
@@ -205,12 +286,17 @@ def create_runs_tab(ctx: AppContext) -> dict:
         except RunnerError as error:
             raise gr.Error(str(error)) from error
 
-    refresh_outputs = [runs_table, leaderboard, selected, runs_json]
+    refresh_outputs = [runs_table, leaderboard, selected, runs_json, report_runs]
     if not ctx.spaces:
         refresh_outputs.append(actions["run"])
     refresh_button.click(refresh, outputs=refresh_outputs, api_name="runs_refresh")
     selected.change(compare_runs, inputs=[selected, metric], outputs=[overlay, diff], api_name="runs_compare")
     metric.change(compare_runs, inputs=[selected, metric], outputs=[overlay, diff], api_name="runs_metric")
+    report_runs.change(report_choices, inputs=report_runs, outputs=report_baseline, api_name="runs_report_methods")
+    report_button.click(
+        build_significance, inputs=[report_runs, report_baseline, report_resamples], outputs=[report_text, report_table],
+        api_name="runs_report",
+    )
     if not ctx.spaces:
         evaluate_button.click(evaluate, inputs=[actions["run"], actions["eval_limit"], actions["split"], actions["bertscore"]],
                               outputs=message, api_name="runs_evaluate").success(refresh, outputs=refresh_outputs, api_name="runs_after_evaluate")

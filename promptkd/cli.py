@@ -20,10 +20,23 @@ logger = logging.getLogger("promptkd.cli")
 _TYPES = {"int": int, "float": float, "str": str, "Optional[int]": int, "Optional[float]": float, "Optional[str]": str}
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
-    """Add one flag per dataclass field (--field-name), defaulting to None so unset flags don't override the file."""
+# The DistillConfig fields that `inspect` reads: data and template, the models, and the strategy settings.
+INSPECT_FIELDS = (
+    "dataset", "template", "max_length", "teacher", "student", "strategy", "kl_direction", "alpha",
+    "alpha_start", "alpha_end", "top_k", "top_p", "fallback_temperature", "entropy_gamma", "gated_alpha_min",
+    "gated_alpha_max", "scheduled_top_k_start", "scheduled_top_k_end", "scheduled_top_p_start", "scheduled_top_p_end",
+)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls, only: Optional[tuple] = None) -> None:
+    """Add one flag per dataclass field (--field-name), defaulting to None so unset flags don't override the file.
+
+    `only` limits the flags to those fields, for commands that use part of a config.
+    """
     parser.add_argument("--config", help="YAML or JSON file with field values; flags override it.")
     for spec in dataclasses.fields(cls):
+        if only is not None and spec.name not in only:
+            continue
         flag = "--" + spec.name.replace("_", "-")
         help_text = spec.metadata.get("help", "")
         default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()
@@ -236,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     eval_parser.set_defaults(func=cmd_evaluate)
 
     inspect = add_command("inspect", "Per-token teacher entropy and top-k/top-p kept sets for a prompt and response.")
-    add_config_arguments(inspect, DistillConfig)
+    add_config_arguments(inspect, DistillConfig, only=INSPECT_FIELDS)
     inspect.add_argument("--split", default="test", choices=["train", "validation", "test"], help="Split to pick the record from.")
     inspect.add_argument("--index", type=int, help="Original Dolly index of the record (default: the first of the split).")
     inspect.add_argument("--instruction", help="Inspect this instruction instead of a Dolly record.")

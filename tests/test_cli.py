@@ -32,6 +32,16 @@ def test_every_command_has_help(command, capsys):
     assert "usage:" in capsys.readouterr().out
 
 
+def test_inspect_help_lists_strategy_flags_only(capsys):
+    with pytest.raises(SystemExit):
+        main(["inspect", "--help"])
+    output = capsys.readouterr().out
+    for flag in ("--teacher", "--strategy", "--top-k", "--gated-alpha-min", "--scheduled-top-p-end", "--index", "--soft-prompt"):
+        assert flag in output
+    for flag in ("--learning-rate", "--max-steps", "--save-every", "--per-device-batch-size"):
+        assert flag not in output
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -286,6 +286,13 @@ def test_unknown_hub_id_offline():
         load_model("promptkd-tests/no-such-model")
 
     assert "offline preset" in str(error.value)
+    assert "Did you mean" not in str(error.value)
+
+
+@pytest.mark.parametrize("name, preset", [("tiny-lama", "tiny-llama"), ("smollm2", "smollm2-135m-instruct")])
+def test_mistyped_preset_suggested(name, preset):
+    with pytest.raises(OSError, match=f"Did you mean the preset '{preset}'"):
+        load_model(name)
 
 
 def test_gpt2_tokenizer_offline_fallback():

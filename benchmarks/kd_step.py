@@ -100,14 +100,20 @@ def _backward(output: torch.Tensor) -> None:
     output.backward(torch.full_like(output, 1e-6))
 
 
+def _sample(distiller: Distiller, batch: dict):
+    """The student's sampling as Distiller.step runs it: in the run's autocast precision."""
+    with distiller.accelerator.autocast():
+        return sample_rollout(distiller.student, distiller.tokenizer, batch, distiller.config)
+
+
 def time_model_passes(distiller: Distiller, batch: dict, seed: int, device: torch.device) -> dict:
     """Time the passes a PromptKD step cannot avoid, on one batch; returns seconds per pass and the rollout shape."""
-    config, accelerator = distiller.config, distiller.accelerator
+    accelerator = distiller.accelerator
     teacher, student, soft_prompt = distiller.teacher, distiller.student, distiller.soft_prompt
     seconds = {}
 
     seed_all(seed)
-    rollout, seconds["generation"] = timed(lambda: sample_rollout(student, distiller.tokenizer, batch, config), device)
+    rollout, seconds["generation"] = timed(lambda: _sample(distiller, batch), device)
 
     with accelerator.autocast(), torch.no_grad():
         _, seconds["teacher_forward"] = timed(lambda: teacher_response_logits(teacher, rollout, None), device)
@@ -390,9 +396,9 @@ def _stage_table(rounds: list[dict], distiller: Distiller, peak: Optional[float]
 def _stage_peak_memory(pair: ModelPair, rounds_runner: PromptKDRounds, batch: dict, device: torch.device) -> dict:
     """Peak tensor memory of each pass and of both steps, measured in extra runs after the timed rounds."""
     distiller = rounds_runner.distillers["promptkd_full"]
-    config, accelerator = distiller.config, distiller.accelerator
+    accelerator = distiller.accelerator
     teacher, student, soft_prompt = distiller.teacher, distiller.student, distiller.soft_prompt
-    rollout = sample_rollout(student, distiller.tokenizer, batch, config)
+    rollout = _sample(distiller, batch)
 
     def teacher_forward(prompt):
         with accelerator.autocast(), torch.no_grad():
@@ -409,7 +415,7 @@ def _stage_peak_memory(pair: ModelPair, rounds_runner: PromptKDRounds, batch: di
         _backward(logits)
 
     measured = {
-        "generation": lambda: sample_rollout(student, distiller.tokenizer, batch, config),
+        "generation": lambda: _sample(distiller, batch),
         "teacher_forward": lambda: teacher_forward(None),
         "prompted_teacher_forward_backward": prompted_forward_backward,
         "prompted_teacher_forward": lambda: teacher_forward(soft_prompt),

@@ -128,10 +128,19 @@ def _add_prefix_space(tokenizer) -> None:
         backend.pre_tokenizer = pre_tokenizer
 
 
+# bert-score sorts the sentences by length and pads each batch to its longest one, so on CPU small batches
+# waste less work on padding. 32 Dolly test pairs took 2.4 s with batch 4 and 14-19 s with batch 64 (2 cores).
+BERTSCORE_BATCH_SIZE = {"cpu": 4, "cuda": 64}
+
+
+def _bertscore_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _bertscorer(path: str, num_layers: int):
     from bert_score import BERTScorer
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = _bertscore_device()
     key = (path, num_layers, device)
     if key not in _bertscorers:
         logger.info("Loading BERTScore model %s (layer %d) on %s", path, num_layers, device)
@@ -147,13 +156,14 @@ def bertscore_f1(
     references: list[str],
     model: str = "auto",
     num_layers: Optional[int] = None,
-    batch_size: int = 64,
+    batch_size: Optional[int] = None,
 ) -> tuple[Optional[list[float]], Optional[str]]:
     """Return the BERTScore F1 (unrescaled, in [0, 1]) of each prediction and the name of the model used.
 
     `model` is 'auto', 'offline', 'none' (returns (None, None)), a hub id or a local folder (which needs
     `num_layers`). Scores from different models are not comparable, hence the returned name.
-    A pair whose prediction or reference is empty scores 0.0.
+    A pair whose prediction or reference is empty scores 0.0. `batch_size` defaults to BERTSCORE_BATCH_SIZE
+    of the device; it changes the speed, and the scores only by float rounding.
     """
     _check_lengths(predictions, references)
     resolved = resolve_bertscore_model(model, num_layers)
@@ -166,6 +176,7 @@ def bertscore_f1(
     scored = [i for i, (p, r) in enumerate(zip(predictions, references)) if p.strip() and r.strip()]
     if scored:
         scorer = _bertscorer(path, layers)
+        batch_size = batch_size or BERTSCORE_BATCH_SIZE[_bertscore_device()]
         _, _, f1 = scorer.score([predictions[i] for i in scored], [references[i] for i in scored], batch_size=batch_size)
         for i, value in zip(scored, f1.tolist()):
             scores[i] = value
@@ -181,7 +192,7 @@ def score_predictions(
     references: list[str],
     bertscore_model: str = "auto",
     bertscore_num_layers: Optional[int] = None,
-    batch_size: int = 64,
+    batch_size: Optional[int] = None,
 ) -> dict:
     """Score predictions against references: mean Exact Match, ROUGE-L F1 and BERTScore F1, all x100.
 

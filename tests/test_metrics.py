@@ -74,6 +74,20 @@ def test_bertscore_offline_scores():
     assert scores[1] < scores[0]
 
 
+def test_bertscore_batch_size_keeps_scores():
+    # Sentences of very different lengths, so batches of 2 and one batch of 8 pad them differently.
+    predictions = ["Yes.", "The cat sat on the mat by the door all afternoon.", "Paris.", "Stock markets fell on Monday."]
+    references = ["No.", "A cat was sitting on a mat.", "The capital of France is Paris, on the Seine.", "Markets fell."]
+
+    small, _ = bertscore_f1(predictions, references, model="offline", batch_size=2)
+    default, _ = bertscore_f1(predictions, references, model="offline")
+    large, _ = bertscore_f1(predictions, references, model="offline", batch_size=64)
+
+    assert small == pytest.approx(large, abs=1e-5)
+    assert default == pytest.approx(large, abs=1e-5)
+    assert len(set(round(value, 3) for value in large)) == 4
+
+
 def test_bertscore_empty_prediction_scores_zero():
     scores, _ = bertscore_f1(["", "A dog barks."], ["Some answer.", "A dog barks."], model="offline")
 

@@ -101,7 +101,7 @@ def _backward(output: torch.Tensor) -> None:
 
 
 def _sample(distiller: Distiller, batch: dict):
-    """The student's sampling as Distiller.step runs it: in the run's autocast precision."""
+    """Sample the student's pseudo-targets as Distiller.step does, in the run's autocast precision."""
     with distiller.accelerator.autocast():
         return sample_rollout(distiller.student, distiller.tokenizer, batch, distiller.config)
 

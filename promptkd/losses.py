@@ -312,7 +312,7 @@ def _token_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, ctx
 
 
 def _rowwise_terms(logits: torch.Tensor, grad_key: str, compute: Callable) -> dict:
-    """Per-token terms of logits (N, V), computed KD_CHUNK_ELEMENTS logits at a time.
+    """Compute per-token terms of logits (N, V), KD_CHUNK_ELEMENTS logits at a time.
 
     compute(rows, logits_rows) returns a dict of (n,) tensors for the rows `rows`; only terms[grad_key] may
     depend on logits_rows with a gradient. When logits need a gradient, each chunk's backward runs right

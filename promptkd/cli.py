@@ -275,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     report = add_command("report", "Mean ± std over evaluation runs (one per seed) and paired bootstrap tests against a baseline.")
     report.add_argument("--eval-runs", nargs="+", required=True, help="Evaluation run folders or run names under $PROMPTKD_HOME/runs, one per seed.")
     report.add_argument("--baseline", required=True, help="Label of the method the others are compared with (as in results.md, e.g. 'SFT student').")
-    report.add_argument("--resamples", type=int, default=1000, help="Bootstrap resamples (default: 1000).")
+    report.add_argument("--resamples", type=int, default=1000, help="Bootstrap resamples, at most 100000 (default: 1000).")
     report.add_argument("--seed", type=int, default=0, help="Seed of the bootstrap resampling (default: 0).")
     report.add_argument("--out", help="Markdown file to write; the JSON report goes next to it with the suffix .json.")
     report.set_defaults(func=cmd_report)

@@ -16,7 +16,7 @@ import yaml
 
 from promptkd.config import home_dir
 from promptkd.runs import atomic_write_json, atomic_write_text, read_json, read_jsonl
-from promptkd.significance import CONFIDENCE_LEVEL, format_p_value, interval_excludes_zero, mean_std, paired_bootstrap
+from promptkd.significance import CONFIDENCE_LEVEL, MAX_RESAMPLES, format_p_value, interval_excludes_zero, mean_std, paired_bootstrap
 
 logger = logging.getLogger(__name__)
 
@@ -217,6 +217,8 @@ def build_report(runs: list[EvalRun], baseline: str, num_resamples: int = 1000, 
     other than `baseline`: a paired bootstrap (promptkd.significance.paired_bootstrap) of its per-prompt
     scores against the baseline's, both averaged over the runs first.
     """
+    if isinstance(num_resamples, bool) or not isinstance(num_resamples, int) or not 1 <= num_resamples <= MAX_RESAMPLES:
+        raise ReportError(f"num_resamples={num_resamples!r} is invalid: use a whole number from 1 to {MAX_RESAMPLES} (1000 is usual).")
     check_runs_match(runs)
     labels = runs[0].labels
     if baseline not in labels:
@@ -266,7 +268,7 @@ def _difference_cell(comparison: dict, num_resamples: int) -> str:
     mark = "*" if comparison["significant"] else ""
     return (
         f"{comparison['diff']:+.2f}{mark} [{comparison['ci_low']:.2f}, {comparison['ci_high']:.2f}] "
-        f"p={format_p_value(comparison['p_value'], num_resamples)}"
+        f"{format_p_value(comparison['p_value'], num_resamples)}"
     )
 
 

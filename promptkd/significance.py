@@ -9,6 +9,8 @@ import numpy as np
 CONFIDENCE_LEVEL = 0.95
 # Resamples drawn per numpy call, which bounds the index matrix to RESAMPLE_CHUNK x num_prompts.
 RESAMPLE_CHUNK = 256
+# The resampled means take 8 bytes each, and the p-value resolution 2/B is already 2e-5 at this bound.
+MAX_RESAMPLES = 100_000
 
 
 def _paired_deltas(base_scores: Sequence[float], other_scores: Sequence[float]) -> np.ndarray:
@@ -54,6 +56,8 @@ def paired_bootstrap(
     """
     if isinstance(num_resamples, bool) or not isinstance(num_resamples, int) or num_resamples < 1:
         raise ValueError(f"num_resamples={num_resamples!r} is invalid: use a positive integer (1000 or more is usual).")
+    if num_resamples > MAX_RESAMPLES:
+        raise ValueError(f"num_resamples={num_resamples} is too many: use at most {MAX_RESAMPLES} (1000 is usual).")
     if not 0.0 < confidence_level < 1.0:
         raise ValueError(f"confidence_level={confidence_level} is invalid: use a value in (0, 1), such as 0.95.")
     deltas = _paired_deltas(base_scores, other_scores)
@@ -95,7 +99,7 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def format_p_value(p_value: float, num_resamples: int) -> str:
-    """Format a bootstrap p-value with 3 significant digits, writing 0 as '< 2/B' (the resolution of B resamples)."""
+    """Format a bootstrap p-value as 'p=0.0312', writing 0 as 'p<2/B' (the resolution of B resamples)."""
     if p_value == 0.0:
-        return f"< {2.0 / num_resamples:.2g}"
-    return f"{p_value:.3g}"
+        return f"p<{2.0 / num_resamples:.2g}"
+    return f"p={p_value:.3g}"

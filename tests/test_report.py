@@ -155,7 +155,7 @@ def test_markdown_marks_intervals_that_exclude_zero(eval_runs):
     assert "| method | EM | ROUGE-L | ECE | entropy |" in text
     assert "| method | ΔEM | ΔROUGE-L |" in text
     assert "2 evaluation runs: eval-s1 (seed 42), eval-s2 (seed 42)" in text
-    rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if "p=" in line}
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if " p=" in line or " p<" in line}
     assert set(rows) == {"other", "base again"}
     assert "+0.00 [0.00, 0.00] p=1" in rows["base again"]
     assert "*" in rows["other"]  # its ROUGE-L interval lies above 0
@@ -179,7 +179,7 @@ def test_markdown_stars_a_known_shift():
     }
     text = report_markdown(report)
     assert "| base | 10.00 ± 1.00 |" in text
-    assert "| kd | +5.00* [5.00, 5.00] p=< 0.002 |" in text
+    assert "| kd | +5.00* [5.00, 5.00] p<0.002 |" in text
 
 
 def test_different_prompt_sets_name_both_runs(eval_runs, smollm2_tok):
@@ -272,3 +272,11 @@ def test_pipeline_with_two_seeds(tmp_path, capsys):
     for entry in report["methods"][:2]:
         assert entry["label"] in ("teacher", "SFT student")
         assert all(value == 0.0 for value in entry["std"].values()), entry
+
+
+def test_report_rejects_too_many_resamples(eval_runs):
+    _, paths = eval_runs
+    runs = [load_eval_run(path) for path in paths]
+
+    with pytest.raises(ReportError, match="num_resamples=100001 is invalid: use a whole number from 1 to 100000"):
+        build_report(runs, "base", num_resamples=100_001)

@@ -125,7 +125,12 @@ def test_mean_std_rejects_empty_and_nan():
         mean_std([1.0, float("nan")])
 
 
+def test_bootstrap_rejects_too_many_resamples():
+    with pytest.raises(ValueError, match="num_resamples=100001 is too many: use at most 100000"):
+        paired_bootstrap([0.0, 1.0], [1.0, 1.0], num_resamples=100_001)
+
+
 def test_format_p_value():
-    assert format_p_value(0.0, 1000) == "< 0.002"
-    assert format_p_value(0.0482, 1000) == "0.0482"
-    assert format_p_value(1.0, 1000) == "1"
+    assert format_p_value(0.0, 1000) == "p<0.002"
+    assert format_p_value(0.0482, 1000) == "p=0.0482"
+    assert format_p_value(1.0, 1000) == "p=1"

@@ -9,7 +9,8 @@ from gradio_client.exceptions import AppError
 from promptkd.config import EvalConfig
 from promptkd.evaluate import evaluate
 from promptkd.models import TINY_LLAMA, tiny_model
-from promptkd.report import build_report, load_eval_run, report_markdown
+from promptkd.report import METRIC_NAMES, build_report, load_eval_run, report_markdown
+from promptkd.significance import MAX_RESAMPLES, format_p_value
 from promptkd.webui import build_app
 from promptkd.webui.runs_tab import DIFFERENCE_HEADERS
 
@@ -72,11 +73,11 @@ def test_report_matches_report_command(app):
     assert {label for label, _ in rows} == {"SFT student", "PromptKD soft_blend"}
     for entry in expected["methods"]:
         for metric, comparison in (entry["vs_baseline"] or {}).items():
-            row = rows[(entry["label"], metric)]
+            row = rows[(entry["label"], METRIC_NAMES[metric])]
             assert row[2] == pytest.approx(comparison["diff"], abs=1e-4)
             assert row[3] == pytest.approx(comparison["ci_low"], abs=1e-4)
             assert row[4] == pytest.approx(comparison["ci_high"], abs=1e-4)
-            assert row[5] == pytest.approx(comparison["p_value"], abs=1e-4)
+            assert row[5] == format_p_value(comparison["p_value"], 200)
             assert row[6] == comparison["significant"]
 
 
@@ -86,6 +87,8 @@ def test_report_errors_name_value(app):
         client.predict(["eval-s1", "eval-s9"], "PromptKD baseline", 200, api_name="/runs_report")
     with pytest.raises(AppError, match="10 is less than minimum value 100"):  # the Number field checks its minimum
         client.predict(["eval-s1", "eval-s2"], "PromptKD baseline", 10, api_name="/runs_report")
+    with pytest.raises(AppError, match=f"greater than maximum value {MAX_RESAMPLES}"):
+        client.predict(["eval-s1", "eval-s2"], "PromptKD baseline", 10**9, api_name="/runs_report")
     with pytest.raises(AppError, match="'teacher' is not an evaluated method"):
         client.predict(["eval-s1", "eval-s2"], "teacher", 200, api_name="/runs_report")
     with pytest.raises(AppError, match="No evaluation run selected"):

@@ -8,8 +8,9 @@ from typing import Optional
 
 import gradio as gr
 
-from promptkd.report import ReportError, build_report, load_eval_run, report_markdown
+from promptkd.report import METRIC_NAMES, ReportError, build_report, load_eval_run, report_markdown
 from promptkd.runs import read_json, read_jsonl
+from promptkd.significance import MAX_RESAMPLES, format_p_value
 from promptkd.webui.common import (
     METRIC_PANELS,
     AppContext,
@@ -29,7 +30,7 @@ RUN_HEADERS = [
 LEADERBOARD_HEADERS = ["model", "evaluation run", "split", "prompts", "EM", "ROUGE-L", "BERTScore", "BERTScore model"]
 # Settings left out of the config differences: they differ between any two runs by design.
 DIFF_IGNORED = ("run_name", "output_dir", "resume")
-DIFFERENCE_HEADERS = ["method", "metric", "difference", "interval low", "interval high", "p-value", "interval excludes 0"]
+DIFFERENCE_HEADERS = ["method", "metric", "difference", "interval low", "interval high", "p", "interval excludes 0"]
 # The baseline the report picks by default: the pipeline's labels for the baseline strategy and the SFT student.
 DEFAULT_BASELINES = ("PromptKD baseline", "SFT student")
 EVAL_SPLITS = ["test", "validation"]
@@ -144,8 +145,9 @@ def difference_rows(report: dict) -> list[list]:
     for entry in report["methods"]:
         for metric, comparison in (entry["vs_baseline"] or {}).items():
             rows.append([
-                entry["label"], metric, round(comparison["diff"], 4), round(comparison["ci_low"], 4),
-                round(comparison["ci_high"], 4), round(comparison["p_value"], 4), bool(comparison["significant"]),
+                entry["label"], METRIC_NAMES[metric], round(comparison["diff"], 4), round(comparison["ci_low"], 4),
+                round(comparison["ci_high"], 4), format_p_value(comparison["p_value"], report["num_resamples"]),
+                bool(comparison["significant"]),
             ])
     return rows
 
@@ -181,9 +183,9 @@ def create_runs_tab(ctx: AppContext) -> dict:
             elem_id="runs-report-runs", scale=3,
         )
         report_baseline = gr.Dropdown([], value=None, allow_custom_value=True, label="Baseline method", elem_id="runs-report-baseline", scale=2)
-        report_resamples = gr.Number(value=1000, precision=0, minimum=100, label="Bootstrap resamples", scale=1)
+        report_resamples = gr.Number(value=1000, precision=0, minimum=100, maximum=MAX_RESAMPLES, label="Bootstrap resamples", scale=1)
     report_button = gr.Button("Build report", elem_id="runs-report-build")
-    report_text = gr.Markdown(elem_id="runs-report-markdown")
+    report_text = gr.Markdown(label="Significance report", elem_id="runs-report-markdown")
     report_table = gr.Dataframe(headers=DIFFERENCE_HEADERS, label="Differences from the baseline", interactive=False, elem_id="runs-report-table")
 
     actions: dict = {}
@@ -248,8 +250,8 @@ def create_runs_tab(ctx: AppContext) -> dict:
         if not loaded:
             raise gr.Error("No evaluation run selected: pick the evaluation runs of one or more seeds.")
         resamples = int(resamples or 0)
-        if resamples < 100:
-            raise gr.Error(f"Bootstrap resamples = {resamples} is too few: use 100 or more (1000 is the default).")
+        if not 100 <= resamples <= MAX_RESAMPLES:
+            raise gr.Error(f"Bootstrap resamples = {resamples} is invalid: use 100 to {MAX_RESAMPLES} (1000 is the default).")
         baseline = baseline or default_baseline(loaded[0].labels)
         try:
             report = build_report(loaded, baseline, num_resamples=resamples)

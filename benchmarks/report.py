@@ -239,7 +239,12 @@ def _memory_lines(memories: list[dict]) -> list[str]:
         "float32 log-softmax of both models and TRL's `generalized_jsd_loss` (beta=0) on the full sequence (B, T, V). "
         f"Measured with {'torch.profiler (profile_memory=True) in this process' if first.get('device', 'cpu') == 'cpu' else 'torch.cuda.max_memory_allocated'}"
         + ("; the RSS columns are the growth of the peak RSS (VmHWM) of a fresh subprocess per variant, a cross-check." if has_rss else "."),
-        f"The target row is the {VERDICT_PROMPT_WIDTH}-token prompt.",
+        "\"Loss working\" is the peak minus the logits the loss receives. \"vs naive\" compares peaks. "
+        + (
+            f"The target row is the {VERDICT_PROMPT_WIDTH}-token prompt."
+            if any(m["shape"]["length"] - m["shape"]["response_length"] == VERDICT_PROMPT_WIDTH for m in memories)
+            else f"No row is graded: the target applies to a {VERDICT_PROMPT_WIDTH}-token prompt, which this run did not measure."
+        ),
         "",
         "| T (prompt + R) | loss | peak MiB | loss working MiB | vs naive | target ≤ 0.25 |" + (" RSS MiB | RSS vs naive |" if has_rss else ""),
         "|---:|---|---:|---:|---:|---|" + ("---:|---:|" if has_rss else ""),

@@ -145,7 +145,7 @@ def calibration_stats(
         "num_tokens": int(confidence.size),
     }
     logger.info(
-        "Calibration over %d response tokens: ECE %.4f, mean entropy %.3f nats, mean NLL %.3f nats",
-        stats["num_tokens"], stats["ece"], stats["mean_entropy"], stats["mean_nll"],
+        "Calibration over %d response tokens: ECE %.2f %%, mean entropy %.3f nats, mean NLL %.3f nats",
+        stats["num_tokens"], 100.0 * stats["ece"], stats["mean_entropy"], stats["mean_nll"],
     )
     return stats

@@ -20,6 +20,8 @@ logger = logging.getLogger("promptkd.cli")
 _TYPES = {"int": int, "float": float, "str": str, "Optional[int]": int, "Optional[float]": float, "Optional[str]": str}
 
 
+# Settings of the shared base config that only the training loops read.
+TRAINING_ONLY_FIELDS = ("train_limit", "log_every", "save_every", "stop_after_steps")
 # The DistillConfig fields that `inspect` reads: data and template, the models, and the strategy settings.
 INSPECT_FIELDS = (
     "dataset", "template", "max_length", "teacher", "student", "strategy", "kl_direction", "alpha",
@@ -28,19 +30,21 @@ INSPECT_FIELDS = (
 )
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls, only: Optional[tuple] = None) -> None:
+def add_config_arguments(parser: argparse.ArgumentParser, cls, only: Optional[tuple] = None, exclude: tuple = ()) -> None:
     """Add one flag per dataclass field (--field-name), defaulting to None so unset flags don't override the file.
 
-    `only` limits the flags to those fields, for commands that use part of a config.
+    `only` limits the flags to those fields and `exclude` leaves fields out, for commands that use part of a config.
     """
     parser.add_argument("--config", help="YAML or JSON file with field values; flags override it.")
     for spec in dataclasses.fields(cls):
-        if only is not None and spec.name not in only:
+        if (only is not None and spec.name not in only) or spec.name in exclude:
             continue
         flag = "--" + spec.name.replace("_", "-")
         help_text = spec.metadata.get("help", "")
         default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()
-        help_text = f"{help_text} (default: {default!r})".replace("%", "%%")
+        if "Default:" not in help_text:  # a help text that explains its own default keeps that explanation only
+            help_text = f"{help_text} (default: {default!r})"
+        help_text = help_text.replace("%", "%%")
         if spec.type == "bool":
             parser.add_argument(flag, dest=spec.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif spec.type == "list":
@@ -161,9 +165,16 @@ def cmd_inspect(args) -> int:
     if args.instruction is not None:
         record = DollyRecord(index=-1, instruction=args.instruction, context=args.context or "", response=args.response or "", category="")
     else:
-        records = [r for r in load_split(config.dataset, args.split) if r.index == args.index] if args.index is not None else load_split(config.dataset, args.split, limit=1)
+        split_records = load_split(config.dataset, args.split)
+        if not split_records:
+            raise ConfigError(f"The {args.split} split of {config.dataset} has no records: pick another --split.")
+        records = [r for r in split_records if r.index == args.index] if args.index is not None else split_records[:1]
         if not records:
-            raise ConfigError(f"--index {args.index} is not in the {args.split} split of {config.dataset}: pick an index in that split.")
+            indices = [r.index for r in split_records]
+            raise ConfigError(
+                f"--index {args.index} is not in the {args.split} split of {config.dataset}, whose {len(indices)} records "
+                f"have indices {min(indices)}-{max(indices)} (echo responses dropped): pick an index in that range."
+            )
         record = records[0]
     response = args.response if args.response is not None else record.response
     if not response:
@@ -245,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     distill_parser.set_defaults(func=cmd_distill)
 
     eval_parser = add_command("evaluate", "Greedy evaluation with EM, ROUGE-L and BERTScore.")
-    add_config_arguments(eval_parser, EvalConfig)
+    add_config_arguments(eval_parser, EvalConfig, exclude=TRAINING_ONLY_FIELDS)
     eval_parser.set_defaults(func=cmd_evaluate)
 
     inspect = add_command("inspect", "Per-token teacher entropy and top-k/top-p kept sets for a prompt and response.")

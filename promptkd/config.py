@@ -38,7 +38,7 @@ class BaseConfig:
     run_name: Optional[str] = _field(
         None, "Name of the run folder under output_dir. Default: '<command>-<UTC timestamp>'."
     )
-    output_dir: str = _field("", "Folder that holds run folders. Default: $PROMPTKD_HOME/runs (./checkpoints/runs).")
+    output_dir: str = _field("", "Folder that holds run folders. Default: $PROMPTKD_HOME/runs, or ./checkpoints/runs when PROMPTKD_HOME is not set.")
     seed: int = _field(42, "Random seed for data order, sampling and initialisation.")
     dataset: str = _field(
         "dolly",

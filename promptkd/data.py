@@ -392,6 +392,18 @@ def min_prompt_tokens(tokenizer, template: str = "dolly") -> int:
     return len(_encode(tokenizer, head)) + len(_encode(tokenizer, tail)) + 1
 
 
+def check_prompt_room(tokenizer, template: str, max_length: int, max_new_tokens: int) -> int:
+    """Return max_length - max_new_tokens, the prompt budget, or raise ValueError when no prompt fits in it."""
+    needed = min_prompt_tokens(tokenizer, template)
+    room = max_length - max_new_tokens
+    if room < needed:
+        raise ValueError(
+            f"max_length={max_length} leaves {room} prompt tokens after max_new_tokens={max_new_tokens}, but the "
+            f"{template!r} template needs at least {needed}: use --max-length {needed + max_new_tokens} or more."
+        )
+    return room
+
+
 def encode_prompt(record: DollyRecord, tokenizer, template: str = "dolly", max_prompt_tokens: int = 480) -> list[int]:
     """Return the prompt's token ids, at most `max_prompt_tokens` long.
 

@@ -268,7 +268,7 @@ def load_models(config: DistillConfig, student_source: str, device):
 
 
 def encode_prompts(config: DistillConfig, records, tokenizer) -> list[dict]:
-    max_prompt_tokens = config.max_length - config.max_new_tokens
+    max_prompt_tokens = dolly.check_prompt_room(tokenizer, config.template, config.max_length, config.max_new_tokens)
     return [{"input_ids": dolly.encode_prompt(r, tokenizer, config.template, max_prompt_tokens)} for r in records]
 
 

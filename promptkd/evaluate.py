@@ -18,7 +18,7 @@ from promptkd import data as dolly
 from promptkd.calibration import calibration_stats
 from promptkd.config import EvalConfig
 from promptkd.generation import generate_greedy
-from promptkd.metrics import score_predictions
+from promptkd.metrics import resolve_bertscore_model, score_predictions
 from promptkd.models import load_model_and_tokenizer, resolve_model_source, split_model_spec
 from promptkd.runs import Run, atomic_write_json, atomic_write_text, read_json
 from promptkd.training import describe_error, make_accelerator
@@ -57,7 +57,7 @@ def evaluate_model(
     """Generate greedily for `records` with one model and score the outputs."""
     model, tokenizer = load_model_and_tokenizer(spec)
     model.to(device or torch.device("cpu"))
-    max_prompt_tokens = config.max_length - config.max_new_tokens
+    max_prompt_tokens = dolly.check_prompt_room(tokenizer, config.template, config.max_length, config.max_new_tokens)
     prompts = [dolly.encode_prompt(r, tokenizer, config.template, max_prompt_tokens) for r in records]
 
     started = time.perf_counter()
@@ -138,6 +138,8 @@ def evaluate(config: EvalConfig) -> Run:
     for _, spec in entries:
         # A missing folder or bad layer spec fails here, before any model is evaluated.
         resolve_model_source(split_model_spec(spec)[0])
+    if config.bertscore_model not in ("auto", "offline", "none"):
+        resolve_bertscore_model(config.bertscore_model, config.bertscore_num_layers)  # a mistyped name fails before generation
     records = dolly.load_split(config.dataset, config.split, limit=config.eval_limit)
     accelerator = make_accelerator(config)
     run = Run.create(config, "evaluate", is_main=accelerator.is_main_process)

@@ -472,7 +472,8 @@ def parse_strategy(spec: str) -> Strategy:
     merged = Strategy()
     for name in names:
         if name not in STRATEGY_PARTS:
-            raise ConfigError(f"Unknown strategy {name!r} in {spec!r}: choose from {', '.join(STRATEGIES)}.")
+            where = f" in {spec!r}" if name != spec.strip() else ""
+            raise ConfigError(f"Unknown strategy {name!r}{where}: choose from {', '.join(STRATEGIES)}.")
         merged = merged.merge(STRATEGY_PARTS[name], spec)
     return merged
 

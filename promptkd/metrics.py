@@ -105,12 +105,18 @@ def resolve_bertscore_model(model: str, num_layers: Optional[int] = None) -> Opt
 
     if Path(model).expanduser().exists():
         if num_layers is None:
-            raise ValueError(f"BERTScore model {model!r} is a local folder: set bertscore_num_layers to the layer to use.")
+            raise ValueError(
+                f"BERTScore model {model!r} is a local folder: set bertscore_num_layers (--bertscore-num-layers) to the layer to use."
+            )
         path = Path(model).expanduser()
         return str(path), num_layers, f"{path.name} (layer {num_layers})"
     if num_layers is None:
         if model not in model2layers:
-            raise ValueError(f"bert-score has no default layer for {model!r}: set bertscore_num_layers.")
+            raise ValueError(
+                f"BERTScore model {model!r} is not a local folder, and bert-score has no default layer for it: check the "
+                "name ('auto', 'offline', 'none', a bert-score model such as 'roberta-large', or a folder), or give the "
+                "layer with bertscore_num_layers (--bertscore-num-layers)."
+            )
         num_layers = model2layers[model]
     return model, num_layers, f"{model} (layer {num_layers})"
 

@@ -355,15 +355,19 @@ def resolve_model_source(base: str) -> str:
 
 
 def _hub_error(source: str, error: Exception) -> OSError:
-    # A name without an owner/ part may be a mistyped or shortened preset name.
+    # A name without an owner/ part may be a mistyped or shortened preset name, and then the hint comes first.
     close = []
     if "/" not in source:
         close = [name for name in PRESETS if name.startswith(source)] or difflib.get_close_matches(source, list(PRESETS), n=1, cutoff=0.7)
-    suggestion = f" Did you mean the preset {close[0]!r}?" if close else ""
+    if close:
+        return OSError(
+            f"Model {source!r} is neither a preset nor a local folder. Did you mean the preset {close[0]!r}? "
+            f"(Loading {source!r} from the Hugging Face Hub failed too: {error})"
+        )
     return OSError(
         f"Could not load {source!r} from the Hugging Face Hub, and no local folder of that name exists ({error}). "
         f"The hub may be unreachable (no network or HF_HUB_OFFLINE=1) or the id is wrong: use an offline preset "
-        f"({SMOLLM2}, {TINY_LLAMA}, {TINY_GPT2}) or a local save_pretrained folder.{suggestion}"
+        f"({SMOLLM2}, {TINY_LLAMA}, {TINY_GPT2}) or a local save_pretrained folder."
     )
 
 

@@ -155,10 +155,10 @@ def check_runs_match(runs: list[EvalRun]) -> None:
         if set(run.indices) != set(first.indices):
             only_first = sorted(set(first.indices) - set(run.indices))
             only_run = sorted(set(run.indices) - set(first.indices))
+            parts = [f"{len(only)} only in {name} (first: {only[:3]})" for only, name in ((only_first, first.name), (only_run, run.name)) if only]
             raise ReportError(
                 f"Runs {first.name} ({len(first.indices)} prompts) and {run.name} ({len(run.indices)} prompts) were "
-                f"evaluated on different prompt indices: {len(only_first)} only in {first.name} (first: {only_first[:3]}), "
-                f"{len(only_run)} only in {run.name} (first: {only_run[:3]}). "
+                f"evaluated on different prompt indices: {', '.join(parts)}. "
                 "Evaluate every seed with the same dataset, split and eval_limit."
             )
         if set(run.labels) != set(first.labels):

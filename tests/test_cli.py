@@ -107,9 +107,20 @@ def test_distill_evaluate_inspect_runs(tmp_path, capsys):
     assert "cli" in listing and "completed" in listing
 
 
+def test_evaluate_unknown_bertscore_model_fails_first(tmp_path, capsys):
+    root = tmp_path / "runs"
+    args = ["evaluate", "--models", "tiny-llama", "--output-dir", str(root), "--eval-limit", "2", "--bertscore-model", "nosuch-model"]
+
+    assert main(args) == 2
+    assert "BERTScore model 'nosuch-model' is not a local folder" in capsys.readouterr().err
+    assert not root.exists()  # rejected before a run folder was created
+
+
 def test_inspect_unknown_index_is_reported(capsys):
     assert main(["inspect", *TINY, "--index", "3"]) == 2
-    assert "--index 3 is not in the test split" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "--index 3 is not in the test split" in error
+    assert "indices 14500-14999" in error
 
 
 def test_pipeline_on_tiny_models(tmp_path, capsys):

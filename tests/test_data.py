@@ -504,3 +504,11 @@ def test_hub_id_offline_fails_clearly():
 def test_unknown_source_name():
     with pytest.raises(DataError, match="'not a source' is not 'dolly'"):
         data.load_records("not a source")
+
+
+def test_prompt_room_names_max_length(smollm2_tok):
+    needed = data.min_prompt_tokens(smollm2_tok, "dolly")
+
+    assert data.check_prompt_room(smollm2_tok, "dolly", needed + 32, 32) == needed
+    with pytest.raises(ValueError, match=rf"max_length=5 leaves 1 prompt tokens after max_new_tokens=4.*--max-length {needed + 4} or more"):
+        data.check_prompt_room(smollm2_tok, "dolly", 5, 4)

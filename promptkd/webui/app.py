@@ -89,7 +89,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         "--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", DEFAULT_PORT)),
         help="Port to serve on (default: $GRADIO_SERVER_PORT or 7860).",
     )
-    parser.add_argument("--root", default=None, help="Runs folder (default: $PROMPTKD_HOME/runs, i.e. ./checkpoints/runs).")
+    parser.add_argument("--root", default=None, help="Runs folder (default: $PROMPTKD_HOME/runs, or ./checkpoints/runs when PROMPTKD_HOME is not set).")
     return parser.parse_args(argv)
 
 

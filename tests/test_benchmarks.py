@@ -76,7 +76,7 @@ def test_bench_tiny_writes_all_sections(tmp_path):
     if HAS_TRL:
         assert kd["summary"]["promptkd_baseline_vs_trl"]["n"] == 1
         assert kd["summary"]["promptkd_baseline_vs_trl_total"] > 0
-        assert kd["summary"]["sampling_only_vs_trl_total"] > 0
+        assert kd["summary"]["passes_only_vs_trl_total"] > 0
         assert kd["trl"]["generation_kwargs"]["top_k"] == 0
         assert kd["trl"]["activation_checkpointing"] is False
     assert kd["summary"]["overhead_full"]["median"] > 0

@@ -239,8 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="Logging level.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def add_command(name: str, help: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help, parents=[common])
+    def add_command(name: str, help: str, details: str = "") -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=f"{help} {details}".strip(), parents=[common])
 
     prepare = add_command("prepare", "Convert or build preset models once (e.g. the offline SmolLM2 teacher).")
     prepare.add_argument("presets", nargs="*", default=["smollm2-135m-instruct"], help="Presets to prepare (default: smollm2-135m-instruct).")
@@ -259,7 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(eval_parser, EvalConfig, exclude=TRAINING_ONLY_FIELDS)
     eval_parser.set_defaults(func=cmd_evaluate)
 
-    inspect = add_command("inspect", "Per-token teacher entropy and top-k/top-p kept sets for a prompt and response.")
+    inspect = add_command(
+        "inspect",
+        "Per-token teacher entropy and top-k/top-p kept sets for a prompt and response.",
+        "Schedules that move over training (dynamic_blend's alpha, scheduled_filter's top-k and top-p) are shown "
+        "at their first step.",
+    )
     add_config_arguments(inspect, DistillConfig, only=INSPECT_FIELDS)
     inspect.add_argument("--split", default="test", choices=["train", "validation", "test"], help="Split to pick the record from.")
     inspect.add_argument("--index", type=int, help="Original Dolly index of the record (default: the first of the split).")

@@ -34,6 +34,7 @@ from benchmarks.common import SHAPES, load_pair, machine_info, prompt_batches  #
 from benchmarks.evaluation import check_identical, run_eval_section  # noqa: E402
 from benchmarks.kd_step import KDSettings, run_kd_section, trl_available  # noqa: E402
 from benchmarks.memory import run_memory_section  # noqa: E402
+from promptkd.allocator import keep_freed_memory  # noqa: E402
 
 logger = logging.getLogger("benchmarks")
 
@@ -175,6 +176,8 @@ def main(argv=None) -> None:
             logger.info("Rendered %s", path)
         return
 
+    # As in promptkd's command line, so TRL's steps and promptkd's run with the same malloc settings.
+    keep_freed_memory()
     results = run(args)
     args.results_dir.mkdir(parents=True, exist_ok=True)
     path = args.results_dir / f"{results['name']}.json"

@@ -446,6 +446,12 @@ def run_kd_section(pair: ModelPair, settings: KDSettings, device: torch.device, 
     batches = prompt_batches(
         pair.tokenizer, settings.batch_size, total_rounds, settings.max_length, settings.max_new_tokens, settings.seed
     )
+    if settings.warmup and settings.repeats:
+        # The first warm-up round runs the widest timed batch, so the heap has grown to its peak before timing
+        # starts, as it has after the first steps of a training run. Otherwise the first step to reach a new
+        # peak pays the page faults of the new memory while the model passes timed after it reuse that memory.
+        widest = max(batches[settings.warmup :], key=lambda batch: batch["input_ids"].shape[1])
+        batches[0] = {key: value.clone() for key, value in widest.items()}
     runner = PromptKDRounds(pair, settings, device, total_rounds)
     with_trl = use_trl and trl_available()
     if use_trl and not with_trl:

@@ -12,6 +12,7 @@ from typing import Optional
 
 import yaml
 
+from promptkd.allocator import keep_freed_memory
 from promptkd.config import ConfigError, DistillConfig, EvalConfig, SFTConfig, home_dir, load_config
 from promptkd.runs import RunError, list_runs, setup_logging
 
@@ -303,6 +304,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     setup_logging(getattr(logging, args.log_level))
     try:
+        keep_freed_memory()
         return args.func(args)
     except (ConfigError, RunError, OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

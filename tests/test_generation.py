@@ -3,7 +3,8 @@ import copy
 import pytest
 import torch
 
-from promptkd.generation import generate_greedy, generate_token_ids, generation_config
+import promptkd.generation as generation
+from promptkd.generation import _packed_mask, _packs, generate_greedy, generate_token_ids, generation_config
 
 PROMPT_TEXTS = [
     "Hi",
@@ -55,6 +56,52 @@ def test_token_ids_match_reference_decoding(fixture, request):
 
     for prompt, ids in zip(prompts, generated):
         assert ids == _greedy_without_cache(model, prompt, 10)
+
+
+def test_packs_group_rows_in_order():
+    # Rows of 3, 0, 2, 5 and 1 tokens into packs of at most 6: the empty row is skipped.
+    assert _packs([3, 0, 2, 5, 1], 6) == [[0, 2], [3, 4]]
+    # A row longer than a pack gets a pack of its own.
+    assert _packs([300, 10, 10], 256) == [[0], [1, 2]]
+    assert _packs([0, 0], 256) == []
+
+
+def test_packed_mask_block_diagonal():
+    allowed = _packed_mask([2, 1], torch.float32, torch.device("cpu"), additive=False)
+    expected = torch.tensor([[1, 0, 0], [1, 1, 0], [0, 0, 1]], dtype=torch.bool)
+    assert allowed.shape == (1, 1, 3, 3)
+    assert torch.equal(allowed[0, 0], expected)
+
+    additive = _packed_mask([2, 1], torch.float32, torch.device("cpu"), additive=True)
+    minimum = torch.finfo(torch.float32).min
+    assert torch.equal(additive[0, 0], torch.where(expected, 0.0, minimum))
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("pack_tokens", [8, 256])
+def test_packed_prefill_matches_reference(tiny_llama, attention, pack_tokens, monkeypatch):
+    # 8 tokens: every prompt but the 1-token one runs in a pack of its own; 256: all prefixes share one pack.
+    model, tokenizer = tiny_llama
+    model.set_attn_implementation(attention)
+    monkeypatch.setattr(generation, "PACK_TOKENS", pack_tokens)
+    prompts = _prompts(tokenizer) + [tokenizer.encode("User: Why is the sea salty?\nAssistant:")]
+
+    generated = generate_token_ids(model, tokenizer, prompts, batch_size=5, max_new_tokens=8, progress=False)
+
+    for prompt, ids in zip(prompts, generated):
+        assert ids == _greedy_without_cache(model, prompt, 8)
+
+
+def test_unpackable_attention_runs_prompts_alone(tiny_llama, monkeypatch):
+    # An attention implementation outside sdpa and eager gets no custom mask: each prefix runs alone.
+    model, tokenizer = tiny_llama
+    monkeypatch.setattr(generation, "_PACKABLE_ATTENTION", ())
+    prompts = _prompts(tokenizer)
+
+    generated = generate_token_ids(model, tokenizer, prompts, batch_size=4, max_new_tokens=8, progress=False)
+
+    for prompt, ids in zip(prompts, generated):
+        assert ids == _greedy_without_cache(model, prompt, 8)
 
 
 def test_greedy_returns_stripped_text(tiny_gpt2):

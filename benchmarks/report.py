@@ -97,7 +97,7 @@ def _kd_lines(kd: dict) -> list[str]:
         "",
         f"Each round trains on one batch of {settings['batch_size']} Dolly train prompts, formed as promptkd's trainer "
         f"forms them (grouped by length). The padded prompt widths of the {settings['repeats']} timed rounds were "
-        f"{', '.join(map(str, widths))} tokens, after {settings['warmup']} warm-up round(s). Each step samples "
+        f"{', '.join(map(str, widths))} tokens, after {settings['warmup']} warm-up round(s), the first on a copy of the widest timed batch. Each step samples "
         f"{settings['max_new_tokens']} new tokens at temperature 1.0 and uses the forward KL. Tokens/s counts sampled "
         "response tokens (up to and including the first EOS) per second of a full optimizer step. \"All rounds\" is "
         "total tokens over total seconds, the training throughput over these batches. The per-round columns give "

@@ -54,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sections", default="kd,eval,memory", help="Comma list of sections to run: kd, eval, memory.")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda.")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="Training precision (bf16: autocast, float32 weights).")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads; None leaves torch's choice.")
 
     parser.add_argument("--batch-size", type=int, default=4, help="Prompts per KD step.")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="Sampled response tokens per prompt (and greedy tokens in eval).")
@@ -78,7 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--peak-tflops", type=float, default=None, help="Peak dense TFLOP/s for MFU where the built-in table has none.")
     parser.add_argument("--seed", type=int, default=1234, help="Seed of the sampled responses.")
 
-    parser.add_argument("--name", default=None, help="Results name (default: <shapes>-<device>-<dtype>).")
+    parser.add_argument("--name", default=None, help="Results name; None gives <shapes>-<device>-<dtype>.")
     parser.add_argument("--results-dir", type=Path, default=ROOT / "benchmarks" / "results", help="Folder of the results JSON files.")
     parser.add_argument("--markdown", type=Path, default=ROOT / "docs" / "benchmarks.md", help="Markdown file that gets the generated block.")
     parser.add_argument("--chart-dir", type=Path, default=ROOT / "docs", help="Folder of the PNG charts (benchmarks_<name>.png).")

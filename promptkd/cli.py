@@ -198,6 +198,8 @@ def cmd_inspect(args) -> int:
 
 def cmd_runs(args) -> int:
     root = Path(args.root) if args.root else home_dir() / "runs"
+    if args.root and not root.is_dir():
+        raise RunError(f"Runs folder {root} not found: pass an existing folder to --root, or leave it out for {home_dir() / 'runs'}.")
     runs = list_runs(root)
     if args.json:
         print(json.dumps(runs, indent=2, default=str))

@@ -350,6 +350,10 @@ def resolve_model_source(base: str) -> str:
     if path.exists():
         raise FileNotFoundError(f"{path} is a file: pass a model folder, a run folder, a hub id or a preset ({_preset_list()}).")
     if _looks_like_path(base):
+        home_run = home_dir() / "runs" / path.name
+        if path.parent.name == "runs" and (home_run / "status.json").is_file():
+            # For example checkpoints/runs/NAME from the README while PROMPTKD_HOME points elsewhere.
+            raise FileNotFoundError(f"Model folder {path} not found, but a run named {path.name!r} is in {home_run}: pass that folder.")
         raise FileNotFoundError(f"Model folder {path} not found. Use an existing folder, a run folder, a hub id or a preset: {_preset_list()}.")
     return base
 

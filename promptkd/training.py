@@ -402,8 +402,9 @@ def should_pause(config, loop: LoopState, stop: StopRequest, accelerator: Accele
 
 def finish_run(run: Run, accelerator: Accelerator, loop: LoopState, total_steps: int, state: str, stop: StopRequest) -> None:
     """Mark the run completed or stopped; a completed run no longer needs its resumable checkpoint."""
-    if state == "completed" and accelerator.is_main_process:
+    if state == "completed" and accelerator.is_main_process and (run.path / CHECKPOINT_DIR).exists():
         shutil.rmtree(run.path / CHECKPOINT_DIR, ignore_errors=True)
+        logger.info("Removed the resumable checkpoint %s: the final model is in %s", run.path / CHECKPOINT_DIR, run.path)
     error = f"stopped at step {loop.step} ({stop.signal_name or 'stop_after_steps'})" if state == "stopped" else None
     run.set_status(state, step=loop.step, elapsed_s=loop.elapsed_s, error=error)
     logger.info("Run %s %s at step %d/%d after %.1f s", run.run_id, state, loop.step, total_steps, loop.elapsed_s)

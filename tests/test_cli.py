@@ -107,6 +107,14 @@ def test_distill_evaluate_inspect_runs(tmp_path, capsys):
     assert "cli" in listing and "completed" in listing
 
 
+def test_runs_missing_root_fails(tmp_path, capsys):
+    missing = tmp_path / "nope"
+    assert main(["runs", "--root", str(missing)]) == 2
+    error = capsys.readouterr().err
+    assert f"Runs folder {missing} not found" in error
+    assert "--root" in error
+
+
 def test_evaluate_unknown_bertscore_model_fails_first(tmp_path, capsys):
     root = tmp_path / "runs"
     args = ["evaluate", "--models", "tiny-llama", "--output-dir", str(root), "--eval-limit", "2", "--bertscore-model", "nosuch-model"]

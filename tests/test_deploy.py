@@ -451,3 +451,21 @@ def test_reproduce_script_fresh_start(tmp_path):
     assert student[student.index("--model") + 1] == "gpt2-medium"
     assert "--resume" not in teacher + student
     assert len(commands) == 2 + 3 * (7 + 1) + 1
+
+
+def test_app_port_in_use_error(tmp_path):
+    """A port already bound by another socket gives a one-line error with the fix, not a traceback."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        env = dict(os.environ, PROMPTKD_HOME=str(tmp_path / "checkpoints"), HF_HUB_OFFLINE="1")
+        result = subprocess.run(
+            [sys.executable, "app.py", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=APP_START_TIMEOUT_S,
+        )
+
+    assert result.returncode == 2
+    assert f"port {port} on 127.0.0.1 is in use" in result.stderr
+    assert "--port" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -276,6 +276,28 @@ def test_missing_local_path_lists_presets(tmp_path):
     assert "tiny-llama" in str(error.value)
 
 
+def test_missing_run_path_hints_home_run(tmp_path, monkeypatch):
+    # checkpoints/runs/NAME as in the README, while the run is under PROMPTKD_HOME.
+    home = tmp_path / "home"
+    run = home / "runs" / "first-run"
+    run.mkdir(parents=True)
+    (run / "status.json").write_text("{}")
+    monkeypatch.setenv("PROMPTKD_HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+
+    with pytest.raises(FileNotFoundError) as error:
+        load_model("checkpoints/runs/first-run")
+
+    assert "a run named 'first-run' is in" in str(error.value)
+    assert str(run) in str(error.value)
+
+    with pytest.raises(FileNotFoundError) as error:
+        load_model("checkpoints/runs/other-run")
+
+    assert "a run named" not in str(error.value)
+    assert "not found" in str(error.value)
+
+
 def test_folder_without_config(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json not found"):
         load_model(str(tmp_path))

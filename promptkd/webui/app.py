@@ -9,6 +9,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -100,5 +101,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     setup_logging(logging.INFO)
     demo = build_app(args.root)
     demo.queue(default_concurrency_limit=1)
-    demo.launch(server_name=args.host, server_port=args.port, share=False)
+    try:
+        demo.launch(server_name=args.host, server_port=args.port, share=False)
+    except OSError as error:
+        # Gradio 6.31 raises a plain OSError ("Cannot find empty port ...") when the port is taken.
+        if "empty port" not in str(error):
+            raise
+        print(f"error: port {args.port} on {args.host} is in use: pass --port with a free port (or stop the other server).", file=sys.stderr)
+        return 2
     return 0

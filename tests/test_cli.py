@@ -124,6 +124,16 @@ def test_evaluate_unknown_bertscore_model_fails_first(tmp_path, capsys):
     assert not root.exists()  # rejected before a run folder was created
 
 
+def test_inspect_text_table_has_legend(capsys):
+    assert main(["inspect", *TINY, "--index", "14500", "--top-k", "3"]) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.lstrip().startswith("#"))
+    for column in ("H", "H/logV", "w", "kept", "fb", "p_T", "p_S"):
+        assert column in header.split()
+    assert "H: teacher entropy (nats)." in out
+    assert "fb: y where that set was empty" in out
+
+
 def test_inspect_unknown_index_is_reported(capsys):
     assert main(["inspect", *TINY, "--index", "3"]) == 2
     error = capsys.readouterr().err

@@ -37,7 +37,7 @@ def _setting_enabled() -> bool:
 
 
 def keep_freed_memory() -> bool:
-    """Tell glibc to serve every allocation from the heap and never to trim it; returns True when set.
+    """Tell glibc to serve every allocation from the heap and never to trim it. Returns True when set.
 
     `mallopt(M_MMAP_MAX, 0)` stops mapping large blocks one by one and `mallopt(M_TRIM_THRESHOLD, -1)`
     stops returning the top of the heap. Allocations from other threads still use glibc's per-thread

@@ -123,7 +123,7 @@ def _packed_mask(lengths: list[int], dtype: torch.dtype, device: torch.device, a
 
 
 def _run_prefixes(model: PreTrainedModel, prefixes: list[list[int]]):
-    """Yield (row, cache, start) for each non-empty prefix; its keys and values are at [start, start + len) of cache.
+    """Yield (row, cache, start) for each non-empty prefix, whose keys and values are at [start, start + len) of cache.
 
     Prefixes run packed into one sequence per pack, with positions restarting at 0 for each and a block-diagonal
     mask, when the model's attention takes a custom 4D mask. Otherwise each runs alone.

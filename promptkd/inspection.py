@@ -134,10 +134,12 @@ def format_report(report: dict) -> str:
             f"{report['weight'][i]:>6.3f} {report['kept_size'][i]:>6} {'y' if report['fallback'][i] else '-':>3} "
             f"{report['teacher_prob'][i]:>7.4f} {student:>7.4f}  {kept}"
         )
-    lines += [
-        "",
-        "H: teacher entropy (nats). H/logV: H over log|V|. w: entropy weight 1 - H/logV. kept: tokens in the "
-        "teacher's top-k/top-p set. fb: y where that set was empty or kept too little probability mass, so the temperature-scaled full distribution was used. "
-        "p_T, p_S: teacher and student probability of the response token.",
-    ]
+    legend = (
+        "H: teacher entropy (nats). H/logV: H over log|V|. w: entropy weight 1 - H/logV. "
+        "kept: tokens in the teacher's top-k/top-p set. "
+        "fb: y where that set was empty or kept too little probability mass, so the temperature-scaled full "
+        "distribution was used. "
+        "p_T, p_S: teacher and student probability of the response token."
+    )
+    lines += ["", legend]
     return "\n".join(lines)

@@ -36,12 +36,12 @@ def run_probe(setting: str) -> subprocess.CompletedProcess:
 
 @linux_only
 def test_kept_memory_stops_refaulting():
-    default = run_probe("0")
-    kept = run_probe("1")
-    assert default.returncode == 0, default.stderr
-    assert kept.returncode == 0, kept.stderr
-    default_result = json.loads(default.stdout)
-    kept_result = json.loads(kept.stdout)
+    glibc_defaults = run_probe("0")
+    kept_memory = run_probe("1")
+    assert glibc_defaults.returncode == 0, glibc_defaults.stderr
+    assert kept_memory.returncode == 0, kept_memory.stderr
+    default_result = json.loads(glibc_defaults.stdout)
+    kept_result = json.loads(kept_memory.stdout)
 
     assert default_result["applied"] is False
     assert kept_result["applied"] is True
@@ -60,7 +60,7 @@ def test_invalid_setting_names_value_and_fix():
 
 @linux_only
 def test_cli_applies_setting(tmp_path):
-    # `promptkd runs` on an empty folder is the cheapest command; the setting must not break it either way.
+    # `promptkd runs` on an empty folder is the cheapest command, and neither setting may break it.
     for setting in ("1", "0"):
         env = dict(os.environ, PROMPTKD_KEEP_FREED_MEMORY=setting, PYTHONPATH=str(REPO))
         result = subprocess.run(

@@ -80,7 +80,7 @@ def test_packed_mask_block_diagonal():
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("pack_tokens", [8, 256])
 def test_packed_prefill_matches_reference(tiny_llama, attention, pack_tokens, monkeypatch):
-    # 8 tokens: every prompt but the 1-token one runs in a pack of its own; 256: all prefixes share one pack.
+    # With 8 tokens the longer prefixes run alone and the shortest share a pack. With 256 all share one pack.
     model, tokenizer = tiny_llama
     model.set_attn_implementation(attention)
     monkeypatch.setattr(generation, "PACK_TOKENS", pack_tokens)
